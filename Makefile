@@ -1,0 +1,31 @@
+# Two commands: `make lab` (read the notebooks) and `make test` (run every test and notebook).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-requirements
+
+.PHONY: lab test notebooks notebooks-refresh lint
+
+# Set-up: create .venv on first use; redo it only when requirements.txt or pyproject.toml change.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+# Re-execute every notebook in place (stored outputs and figures/). Cells marked
+# NBVAL_IGNORE_OUTPUT (timings, versions) keep their stored output while their source is
+# unchanged, so two runs in a row leave git clean; `make notebooks-refresh` re-measures them too.
+notebooks: $(STAMP)
+	$(PY) scripts/run_notebooks.py notebooks/*.ipynb
+
+notebooks-refresh: $(STAMP)
+	DSV3_REFRESH_VOLATILE=1 $(PY) scripts/run_notebooks.py --refresh-volatile notebooks/*.ipynb
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dsv3_lab tests scripts
