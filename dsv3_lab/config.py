@@ -165,7 +165,7 @@ class ModelArgs:
         groups), sigmoid routing, and YaRN (original_seq_len 64 < max_seq_len 256).
         """
         values = dict(
-            max_batch_size=16, max_seq_len=256, vocab_size=256, dim=64, inter_dim=192,
+            max_batch_size=32, max_seq_len=256, vocab_size=256, dim=64, inter_dim=192,
             moe_inter_dim=32, n_layers=3, n_dense_layers=1, n_heads=4, n_routed_experts=16,
             n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
             score_func="sigmoid", route_scale=2.5, q_lora_rank=32, kv_lora_rank=32,

@@ -135,7 +135,8 @@ def to_hf(model: Transformer):
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:
-        raise RuntimeError(f"to_hf: weights did not map: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"to_hf: weights did not map: missing {missing}, "
+                           f"unexpected {unexpected}")
     return hf.eval()
 
 
