@@ -55,8 +55,10 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # [d/2]
     if args.yarn_enabled:
         low, high = yarn_correction_range(args)
-        ramp = yarn_ramp(low, high, d // 2)  # [d/2]
-        freqs = freqs / args.rope_factor * ramp + freqs * (1 - ramp)
+        # smooth_i = 1 - ramp_i (1: keep the pair, 0: divide it by s); written in this order so
+        # that the float32 result is bit-identical to the official code
+        smooth = 1 - yarn_ramp(low, high, d // 2)  # [d/2]
+        freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
     return freqs
 
 
@@ -89,7 +91,10 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"apply_rotary_emb: the rotary dimension must be even, got {x.shape[-1]}")
     if not x.is_floating_point():
-        raise ValueError(f"apply_rotary_emb: expected a floating-point x, got {x.dtype}")
+        raise TypeError(f"apply_rotary_emb: expected a floating-point x, got {x.dtype}")
+    if not freqs_cis.is_complex():
+        raise TypeError(f"apply_rotary_emb: expected a complex freqs_cis (precompute_freqs_cis), "
+                        f"got {freqs_cis.dtype}")
     if tuple(freqs_cis.shape) != (x.shape[1], x.shape[-1] // 2):
         raise ValueError(
             f"apply_rotary_emb: expected freqs_cis of shape [seq={x.shape[1]}, "
@@ -111,4 +116,8 @@ def yarn_mscale(args: ModelArgs) -> float:
 
 def softmax_scale(args: ModelArgs) -> float:
     """(qk_nope_head_dim + qk_rope_head_dim)^-0.5 · m² (V3: 192^-0.5 · 1.36889² = 0.1352338)."""
-    return args.qk_head_dim ** -0.5 * yarn_mscale(args) ** 2
+    scale = args.qk_head_dim ** -0.5
+    if args.yarn_enabled:
+        m = yarn_mscale(args)
+        scale = scale * m * m  # the official order of operations (same float64 result)
+    return scale
