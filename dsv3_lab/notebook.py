@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 import warnings
@@ -26,7 +27,10 @@ def setup_notebook(seed: int = 0, threads: int = 2) -> dict[str, str]:
     torch.set_num_threads(threads)
     torch.set_printoptions(precision=4, sci_mode=False)
     use_style()
-    # Inline-backend and tqdm warnings print a per-run kernel path; keep notebook output stable.
+    # Keep notebook output stable: no per-run warning text from libraries imported later
+    # (transformers' config advice, tqdm's "IProgress not found" when ipywidgets is absent).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message="IProgress not found")
     warnings.filterwarnings("ignore", category=UserWarning, module="matplotlib")
     warnings.filterwarnings("ignore", category=FutureWarning)
     return {"python": platform.python_version(), "torch": torch.__version__,

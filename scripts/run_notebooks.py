@@ -31,7 +31,9 @@ def is_volatile(cell) -> bool:
 def run(path: Path, refresh_volatile: bool) -> float:
     old = nbformat.read(path, as_version=4)
     nb = copy.deepcopy(old)
+    # --log-level=ERROR: ipykernel's start-up warnings would otherwise land in a random cell
     client = NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
+                            extra_arguments=["--log-level=ERROR"],
                             resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute()
