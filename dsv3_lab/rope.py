@@ -102,7 +102,11 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         )
     dtype = x.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    z = torch.view_as_complex(x.to(work).reshape(*x.shape[:-1], -1, 2))  # [B, S, H, d/2]
+    pairs = x.to(work).reshape(*x.shape[:-1], -1, 2)  # [B, S, H, d/2, 2]
+    odd = pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1])
+    if odd or pairs.stride(-1) != 1:  # view_as_complex needs even offsets and strides: copy
+        pairs = pairs.clone(memory_format=torch.contiguous_format)
+    z = torch.view_as_complex(pairs)  # [B, S, H, d/2]
     rot = freqs_cis.to(z.dtype).view(1, x.shape[1], 1, -1)  # [1, S, 1, d/2]
     return torch.view_as_real(z * rot).flatten(3).to(dtype)  # [B, S, H, d]
 

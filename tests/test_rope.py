@@ -258,3 +258,13 @@ def test_bad_inputs_are_rejected():
         apply_rotary_emb(torch.zeros(1, 2, 1, 16, dtype=torch.long), table[:2])
     with pytest.raises(TypeError, match="complex"):
         apply_rotary_emb(torch.zeros(1, 2, 1, 16), table[:2].real)
+
+
+def test_views_at_odd_offsets_and_strides_are_rotated():
+    """Slices such as q[..., d_nope:] with an odd d_nope cannot be viewed as complex in place."""
+    table = precompute_freqs_cis(SMALL)
+    big = vectors(8, 2, 5, 3, 17)
+    x = big[..., 1:]  # odd storage offset, odd strides
+    expected = apply_rotary_emb(x.contiguous(), table[:5])
+    assert torch.equal(apply_rotary_emb(x, table[:5]), expected)
+    assert torch.equal(apply_rotary_emb(x.transpose(0, 1).transpose(0, 1), table[:5]), expected)
