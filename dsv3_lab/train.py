@@ -17,7 +17,7 @@ embeddings), not norms' weights or biases. Gradients are clipped to a global nor
 API
     train(model, batches, steps, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup=20,
           grad_clip=1.0, seed=0, loss_fn=None, after_step=None, progress=True, desc="train")
-        -> TrainResult(losses, metrics, lrs, seconds, tokens_per_s)
+        -> TrainResult(losses, metrics, lrs, seconds, tokens_per_s); .steps_per_s property
     evaluate(model, batches, loss_fn=None) -> float      mean loss over a finite iterable
     next_token_loss(model, batch) -> scalar tensor       the default loss_fn
     lr_at(step, steps, lr, warmup) -> float              the schedule above
@@ -62,6 +62,10 @@ class TrainResult:
     lrs: list[float] = field(default_factory=list)
     seconds: float = 0.0
     tokens_per_s: float = 0.0
+
+    @property
+    def steps_per_s(self) -> float:
+        return len(self.losses) / max(self.seconds, 1e-9)
 
 
 def check_batch(batch: object) -> torch.Tensor:

@@ -42,7 +42,9 @@ def test_loss_decreases_and_result_fields(corpus):
                    progress=False)
     assert len(result.losses) == len(result.lrs) == 60
     assert result.metrics.keys() == {"grad_norm"} and len(result.metrics["grad_norm"]) == 60
-    assert result.seconds > 0 and result.tokens_per_s > 0
+    assert result.seconds > 0 and result.tokens_per_s > 0 and result.steps_per_s > 0
+    assert result.tokens_per_s == pytest.approx(result.steps_per_s * 8 * 32)
+    assert result.lrs[0] == pytest.approx(1e-2 / 5) and max(result.lrs) == pytest.approx(1e-2)
     after = evaluate(model, val)
     assert after < before - 1.5
     assert sum(result.losses[-10:]) / 10 < result.losses[0] - 1.5
