@@ -15,12 +15,13 @@ so the last step runs at r · lr. AdamW decays only parameters with >= 2 dimensi
 embeddings), not norms' weights or biases. Gradients are clipped to a global norm `grad_clip`.
 
 API
-    train(model, batches, steps, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup=20,
+    train(model, batches, steps, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), warmup=20,
           grad_clip=1.0, seed=0, loss_fn=None, after_step=None, progress=True, desc="train")
         -> TrainResult(losses, metrics, lrs, seconds, tokens_per_s); .steps_per_s property
     evaluate(model, batches, loss_fn=None) -> float      mean loss over a finite iterable
     next_token_loss(model, batch) -> scalar tensor       the default loss_fn
     lr_at(step, steps, lr, warmup) -> float              the schedule above
+    param_groups(model, weight_decay) -> list[dict]      AdamW groups (buffers never included)
 
 Hooks
     loss_fn(model, batch) returns a scalar loss tensor, or (loss, metrics: dict[str, float]);
@@ -29,6 +30,10 @@ Hooks
         biases); it may add entries to `metrics`, which are recorded too.
     TrainResult.metrics always holds "grad_norm" (before clipping). Every metric list has one
     value per step; a metric missing at some step is recorded as nan there.
+
+Default lr: on Transformer(ModelArgs.tiny()) (0.33M parameters), batch 16 x 64 bytes of ToyCorpus,
+a sweep gave validation loss 1.19 / 0.98 / 0.98 / 1.19 nats after 300 steps at lr 3e-3 / 1e-2 /
+2e-2 / 4e-2 (and 2.03 / 1.67 / 1.61 after 100 steps at 3e-3 / 1e-2 / 2e-2), so lr = 1e-2.
 
 Determinism: `train` seeds torch with `seed` before the loop; the same model initialisation and
 the same batches give the identical loss history.
@@ -107,7 +112,8 @@ def _split_loss(out) -> tuple[torch.Tensor, dict]:
     return loss.reshape(()), dict(metrics)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: trainable tensors with >= 2 dims decay, the rest (norms, biases) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -115,6 +121,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     no_decay = [p for p in params if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+_param_groups = param_groups  # old name, kept for callers that imported it
 
 
 def _record(store: dict[str, list[float]], metrics: dict, step: int) -> None:
@@ -125,7 +134,7 @@ def _record(store: dict[str, list[float]], metrics: dict, step: int) -> None:
             values.append(math.nan)
 
 
-def train(model: nn.Module, batches: Iterable[torch.Tensor], steps: int, lr: float = 3e-3,
+def train(model: nn.Module, batches: Iterable[torch.Tensor], steps: int, lr: float = 1e-2,
           weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup: int = 20,
           grad_clip: float | None = 1.0, seed: int = 0, loss_fn: LossFn | None = None,
           after_step: AfterStep | None = None, progress: bool = True,
@@ -139,7 +148,7 @@ def train(model: nn.Module, batches: Iterable[torch.Tensor], steps: int, lr: flo
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     loss_fn = loss_fn or next_token_loss
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=betas)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
     iterator: Iterator[torch.Tensor] = iter(batches)
     result = TrainResult()
     tokens = 0

@@ -118,3 +118,16 @@ def test_errors(corpus):
         evaluate(model, [])
     with pytest.raises(ValueError, match="logits"):
         next_token_loss(lambda t: t.float(), torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_trains_the_tiny_transformer(corpus):
+    from dsv3_lab.config import ModelArgs
+    from dsv3_lab.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.tiny())
+    val = corpus.fixed_batches("val", 2, 8, 32, seed=1)
+    before = evaluate(model, val)
+    result = train(model, corpus.batches("train", 8, 32), steps=25, warmup=5, progress=False)
+    assert result.losses[-1] < result.losses[0] - 1.0
+    assert evaluate(model, val) < before - 1.0
