@@ -25,7 +25,7 @@ notebooks: $(STAMP)
 	$(PY) scripts/run_notebooks.py notebooks/*.ipynb
 
 notebooks-refresh: $(STAMP)
-	DSV3_REFRESH_VOLATILE=1 $(PY) scripts/run_notebooks.py --refresh-volatile notebooks/*.ipynb
+	$(PY) scripts/run_notebooks.py --refresh-volatile notebooks/*.ipynb
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dsv3_lab tests scripts

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,20 @@ def is_volatile(cell) -> bool:
     return cell.cell_type == "code" and any(
         line.strip() == MARKER for line in cell.source.splitlines()
     )
+
+
+def merge_streams(outputs: list) -> list:
+    """Join consecutive stdout (or stderr) chunks: the kernel may split one print differently
+    from run to run, which would change the stored notebook without changing its text."""
+    merged = []
+    for out in outputs:
+        if (out.get("output_type") == "stream" and merged
+                and merged[-1].get("output_type") == "stream"
+                and merged[-1].get("name") == out.get("name")):
+            merged[-1]["text"] += out["text"]
+        else:
+            merged.append(out)
+    return merged
 
 
 def run(path: Path, refresh_volatile: bool) -> float:
@@ -43,6 +58,9 @@ def run(path: Path, refresh_volatile: bool) -> float:
         for cell in nb.cells:
             if is_volatile(cell) and cell.source in stored:
                 cell.outputs = stored[cell.source].outputs
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
     nb.metadata.pop("widgets", None)
     nbformat.write(nb, path)
     return seconds
@@ -53,6 +71,8 @@ def main() -> int:
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--refresh-volatile", action="store_true")
     args = parser.parse_args()
+    if args.refresh_volatile:  # the kernel inherits it: savefig(..., volatile=True) rewrites
+        os.environ["DSV3_REFRESH_VOLATILE"] = "1"
     for path in args.notebooks:
         if path.suffix != ".ipynb" or not path.exists():
             print(f"expected an existing .ipynb file, got {path}", file=sys.stderr)
