@@ -13,6 +13,11 @@ For a token u_t [dim] with N_r routed experts e_i (centroids = rows of gate.weig
 (The residual u_t is added by the Block.) Every FFN is SwiGLU: w2(silu(w1 x) ⊙ w3 x).
 With score_func="softmax" (V2) the top-K weights are not renormalised. No capacity limit and no
 token dropping: every token reaches exactly n_activated_experts experts.
+
+Groups are always ranked by the top-2 sum, because this gate always carries a bias. The official
+code ranks groups by their single best score only when a gate has no bias (DeepSeek-V2's
+device-limited routing); with score_func="softmax" and several groups this gate is therefore
+V3-style, not V2-exact.
 """
 
 from __future__ import annotations
