@@ -14,6 +14,15 @@ from dsv3_lab.mtp import MTP, MTPModule, mtp_loss, speculative_generate
 from dsv3_lab.train import next_token_loss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from more threads, and a busy machine makes them spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make(depth=1, seed=0, dtype=torch.float64, **overrides):
     torch.manual_seed(seed)
     args = ModelArgs.tiny(max_seq_len=64, max_batch_size=4, **overrides)
