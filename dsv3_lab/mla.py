@@ -58,12 +58,6 @@ def causal_mask(seqlen: int, start_pos: int = 0, device=None) -> torch.Tensor | 
     return mask.triu_(start_pos + 1)  # [S, start_pos + S]
 
 
-def _even_offset(x: torch.Tensor) -> torch.Tensor:
-    """x, copied if it starts at an odd storage offset (then it cannot be viewed as complex
-    pairs for RoPE; happens when qk_nope_head_dim or kv_lora_rank is odd)."""
-    return x.clone() if x.storage_offset() % 2 else x
-
-
 class MLA(nn.Module):
     """Multi-head Latent Attention with official submodule names and its own KV cache."""
 
@@ -133,10 +127,10 @@ class MLA(nn.Module):
             q = self.wq_b(self.q_norm(self.wq_a(x)))  # c_q [B, S, q_lora_rank] -> [B, S, H·d_qk]
         q = q.view(bsz, seqlen, H, self.qk_head_dim)  # [B, S, H, d_qk]
         q_nope, q_pe = torch.split(q, [d_nope, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rotary_emb(_even_offset(q_pe), freqs_cis)  # [B, S, H, d_rope]
+        q_pe = apply_rotary_emb(q_pe, freqs_cis)  # [B, S, H, d_rope]
         kv = self.wkv_a(x)  # [B, S, kv_lora_rank + d_rope]
         kv, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_pe = apply_rotary_emb(_even_offset(k_pe.unsqueeze(2)), freqs_cis)  # [B, S, 1, d_rope]
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis)  # [B, S, 1, d_rope]
         c_kv = self.kv_norm(kv)  # [B, S, kv_lora_rank]
         if self.attn_impl == "naive":
             kv_up = self.wkv_b(c_kv).view(bsz, seqlen, H, d_nope + self.v_head_dim)
