@@ -249,4 +249,4 @@ def speculative_generate(model: Transformer, mtp: MTP, prompt: torch.Tensor,
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = max_new_tokens
     mtp.train(modes)
-    return torch.tensor([seq[:total]]), stats
+    return torch.tensor([seq[:total]], device=prompt.device), stats
