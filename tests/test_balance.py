@@ -35,6 +35,15 @@ def corpus():
     return ToyCorpus(seed=0, n_docs=100)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models' ops are too small for a second thread; one is faster on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ----------------------------------------------------------------------------- MaxVio
 def test_max_violation_known_values():
     assert float(max_violation(torch.tensor([4, 4, 4, 4]))) == 0.0
