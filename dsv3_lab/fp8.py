@@ -24,6 +24,7 @@ FP8 training (`FP8Linear`): all three GEMMs of a linear take E4M3 inputs, output
     Dgrad  dx = dy W     dy in 1×128 tiles (along N), the same W blocks transposed
     Wgrad  dW = dyᵀ x    dy and the cached FP8 x re-quantised in 128×1 tiles (along tokens)
 Dimensions that are not a multiple of the block are zero-padded, which changes no product.
+Gradient tiles take the floor GRAD_AMAX_MIN instead of 1e-4: gradients are often smaller.
 Embedding, output head, MoE gate, norms and the attention core stay in full precision.
 """
 
@@ -35,6 +36,7 @@ from torch import nn
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 E4M3_MAX = 448.0
 AMAX_MIN = 1e-4  # the official clamp: an all-zero tile gets scale 1e-4/448, not 0
+GRAD_AMAX_MIN = 1e-12  # training: gradients are often < 1e-4; this floor only avoids 0/0
 BLOCK_SIZE = 128
 SCALE_FMTS = (None, "ue8m0")
 
@@ -58,11 +60,11 @@ def _check_block(block_size: int, name: str) -> None:
         raise ValueError(f"{name}: block_size must be a positive int, got {block_size!r}")
 
 
-def _scale(amax: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
+def _scale(amax: torch.Tensor, scale_fmt: str | None, amax_min: float = AMAX_MIN):
     """s = max(amax, 1e-4) / 448, optionally rounded up to a power of two (ue8m0)."""
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
-    s = amax.float().clamp_min(AMAX_MIN) / E4M3_MAX
+    s = amax.float().clamp_min(amax_min) / E4M3_MAX
     return torch.exp2(torch.ceil(torch.log2(s))) if scale_fmt == "ue8m0" else s
 
 
@@ -131,23 +133,6 @@ def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK_SIZ
     return blocks.flatten(2).flatten(0, 1)[:n, :k]  # [N, K]
 
 
-def _tile_mm(a, a_s, b, b_s, block_size: int) -> torch.Tensor:
-    """a [M, K], b [N, K] (FP8), scales per row and K-block a_s [M, K/b], b_s [N, K/b] -> [M, N].
-
-    Each K-block's partial product is exact-input, float32-summed, then scaled and added to a
-    float32 accumulator: the promotion of V3's GEMM.
-    """
-    m, k = a.shape
-    n, nk = b.shape[0], k // block_size
-    a32 = a.float().view(m, nk, block_size)  # [M, K/b, b]
-    b32 = b.float().reshape(n, nk, block_size)  # [N, K/b, b]
-    out = a32.new_zeros(m, n)  # [M, N] float32 accumulator
-    for j in range(nk):
-        partial = a32[:, j] @ b32[:, j].T  # [M, N]
-        out += partial * a_s[:, j, None] * b_s[None, :, j]
-    return out
-
-
 def fp8_gemm(a, a_s, b, b_s, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """a [..., K] E4M3 with 1×128 scales a_s [..., K/b]; b [N, K] E4M3 with 128×128 scales
     b_s [ceil(N/b), K/b] -> float32 [..., N] (per-K-block partial products, scaled, summed)."""
@@ -164,15 +149,20 @@ def fp8_gemm(a, a_s, b, b_s, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     if tuple(b_s.shape) != (-(-b.shape[0] // block_size), k // block_size):
         raise ValueError(f"fp8_gemm: b_s must have shape [ceil(N/{block_size}), "
                          f"{k // block_size}], got {tuple(b_s.shape)}")
-    b_rows = b_s.float().repeat_interleave(block_size, 0)[:b.shape[0]]  # [N, K/b] per row
-    out = _tile_mm(a.reshape(-1, k), a_s.reshape(-1, k // block_size).float(), b, b_rows,
-                   block_size)
-    return out.view(*a.shape[:-1], b.shape[0])  # [..., N]
+    n, nk = b.shape[0], k // block_size
+    a32 = a.float().reshape(-1, nk, block_size)  # [M, K/b, b]
+    b32 = b.float().reshape(n, nk, block_size)  # [N, K/b, b]
+    sa = a_s.reshape(-1, nk).float()  # [M, K/b]
+    sb = b_s.float().repeat_interleave(block_size, 0)[:n]  # [N, K/b]: row n uses block n // b
+    out = a32.new_zeros(a32.shape[0], n)  # float32 accumulator [M, N]
+    for j in range(nk):  # per K-block: exact FP8 products, then scale and add in float32
+        out += (a32[:, j] @ b32[:, j].T) * sa[:, j, None] * sb[None, :, j]
+    return out.view(*a.shape[:-1], n)  # [..., N]
 
 
 def deepgemm_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's test metric 1 − 2·Σxy / Σ(x² + y²): 0 when equal; their tests need < 0.001."""
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 
 
@@ -232,12 +222,13 @@ def limited_accum_matmul(a: torch.Tensor, b: torch.Tensor, mantissa_bits: int = 
 
 
 # ----------------------------------------------------------------- FP8 training
-def quant_dequant(x: torch.Tensor, block_size: int = BLOCK_SIZE, dim: int = -1) -> torch.Tensor:
+def quant_dequant(x: torch.Tensor, block_size: int = BLOCK_SIZE, dim: int = -1,
+                  amax_min: float = AMAX_MIN) -> torch.Tensor:
     """x rounded through E4M3 in 1×block tiles along `dim` (zero-padded to a multiple of the
     block), returned as float32 of x's shape: exactly what an FP8 GEMM sees of x."""
     d, n = dim % x.dim(), x.shape[dim]
     tiles = _pad(x.float(), block_size, d).unflatten(d, (-1, block_size))  # tile axis d + 1
-    s = _scale(tiles.abs().amax(d + 1, keepdim=True), None)  # one scale per tile
+    s = _scale(tiles.abs().amax(d + 1, keepdim=True), None, amax_min)  # one scale per tile
     y = (tiles / s).to(E4M3).float() * s  # quantise, dequantise
     return y.flatten(d, d + 1).narrow(d, 0, n)
 
@@ -247,7 +238,8 @@ class _FP8LinearFunction(torch.autograd.Function):
 
     The GEMMs multiply the dequantised operands in float32: products of E4M3 values are exact
     in float32, so this equals the block-scaled GEMM up to float32 summation order (and runs
-    as one matmul on a CPU).
+    as one matmul on a CPU). Gradient tiles use the floor GRAD_AMAX_MIN instead of the
+    inference kernel's 1e-4, which would coarsen the many gradient tiles smaller than 1e-4.
     """
 
     @staticmethod
@@ -270,10 +262,11 @@ class _FP8LinearFunction(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad: dx = dy W, reduction over N
             w = weight_dequant(wq, ws, b)  # the same 128×128 blocks, used transposed
-            dx = (quant_dequant(dy2, b) @ w).reshape(ctx.x_shape).to(dy.dtype)  # [M, K]
+            g = quant_dequant(dy2, b, amax_min=GRAD_AMAX_MIN)  # 1×128 tiles along N
+            dx = (g @ w).reshape(ctx.x_shape).to(dy.dtype)  # [M, K]
         if ctx.needs_input_grad[1]:  # Wgrad: dW = dyᵀ x, reduction over the M tokens
             x_cached = act_dequant(xq, xs, b)[:, :k]  # [M, K] read back from the FP8 cache
-            g_t = quant_dequant(dy2, b, dim=0)  # 128×1 tiles (along tokens) [M, N]
+            g_t = quant_dequant(dy2, b, 0, GRAD_AMAX_MIN)  # 128×1 tiles (along tokens) [M, N]
             x_t = quant_dequant(x_cached, b, dim=0)  # re-quantised in 128×1 tiles [M, K]
             dw = g_t.T @ x_t  # [N, K]
         return dx, dw, None
