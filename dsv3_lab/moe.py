@@ -137,7 +137,8 @@ class MoE(nn.Module):
             if counts[i] == 0:
                 continue
             token, slot = torch.where(indices == i)  # tokens routed to expert i, and which of k
-            y = y.index_add(0, token, expert(x[token]) * weights[token, slot, None])
+            out = expert(x.index_select(0, token)) * weights[token, slot, None]  # [n_i, dim]
+            y = y.index_add(0, token, out)
         return y
 
     def forward_sorted(self, x, weights, indices, counts) -> torch.Tensor:
@@ -145,7 +146,9 @@ class MoE(nn.Module):
         k = indices.shape[1]
         order = indices.flatten().argsort(stable=True)  # [N·k], grouped by expert id
         token = order // k  # token of each sorted pair [N·k]
-        chunks = x[token].split(counts.tolist())  # one contiguous [n_i, dim] slice per expert
+        # index_select, not x[token]: its backward is a deterministic index_add, while advanced
+        # indexing accumulates gradients in a thread-dependent order on CPU
+        chunks = x.index_select(0, token).split(counts.tolist())  # one [n_i, dim] slice per expert
         out = torch.cat([expert(c) for expert, c in zip(self.experts, chunks, strict=True)])
         out = out * weights.flatten()[order, None]  # g_{i,t} · FFN_i(u_t)  [N·k, dim]
         return torch.zeros_like(x).index_add(0, token, out)  # sum back per token [N, dim]

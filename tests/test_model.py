@@ -147,6 +147,25 @@ def test_training_forward_has_gradients_everywhere():
     assert all(m.gate.bias.grad is None for m in model.moe_layers())
 
 
+def test_training_is_deterministic_with_two_threads():
+    """Same seed, same batches -> the same loss history, bit for bit (MoE dispatch included)."""
+    from dsv3_lab.data import ToyCorpus
+    from dsv3_lab.train import train
+
+    corpus, threads = ToyCorpus(seed=0, n_docs=200), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        histories = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = Transformer(ModelArgs.tiny())
+            result = train(model, corpus.batches("train", 16, 64, seed=0), 12, progress=False)
+            histories.append(result.losses)
+    finally:
+        torch.set_num_threads(threads)
+    assert histories[0] == histories[1]
+
+
 def test_errors():
     args = ModelArgs.tiny()
     model = Transformer(args)
