@@ -123,9 +123,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-_param_groups = param_groups  # old name, kept for callers that imported it
-
-
 def _record(store: dict[str, list[float]], metrics: dict, step: int) -> None:
     for name, value in metrics.items():
         store.setdefault(name, [math.nan] * step).append(float(value))

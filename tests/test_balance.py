@@ -22,7 +22,7 @@ from dsv3_lab.config import ModelArgs
 from dsv3_lab.data import ToyCorpus
 from dsv3_lab.model import Transformer
 from dsv3_lab.moe import Gate
-from dsv3_lab.train import _param_groups, train
+from dsv3_lab.train import param_groups, train
 
 
 def tiny_model(seed=0, **overrides):
@@ -102,7 +102,7 @@ def test_no_gradient_reaches_the_bias_and_optimizer_never_sees_it(corpus):
     model = tiny_model()
     biases = [moe.gate.bias for moe in model.moe_layers()]
     params = {id(p) for p in model.parameters()}
-    in_groups = {id(p) for g in _param_groups(model, 0.1) for p in g["params"]}
+    in_groups = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
     for b in biases:
         assert not b.requires_grad and id(b) not in params and id(b) not in in_groups
         b.normal_(0, 0.1)  # a non-zero bias that changes routing
