@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3_lab.moe import Gate, MoE
+from dsv3_lab.train import loss_precision
 
 
 def _moe_layers(model: nn.Module) -> list[MoE]:
@@ -231,7 +232,7 @@ class BalancedLoss:
     def __call__(self, model: nn.Module, batch: torch.Tensor):
         inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, S], [B, S]
         logits = model(inputs)  # [B, S, V]
-        lm = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # scalar
+        lm = F.cross_entropy(loss_precision(logits).flatten(0, 1), targets.flatten())  # scalar
         bal = model_balance_loss(model, inputs.shape[0], self.kind)  # scalar, α = 1
         loss = lm + self.alpha * bal
         return loss, {"lm_loss": float(lm.detach()), "balance_loss": float(bal.detach())}

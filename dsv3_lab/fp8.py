@@ -65,7 +65,15 @@ def _scale(amax: torch.Tensor, scale_fmt: str | None, amax_min: float = AMAX_MIN
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     s = amax.float().clamp_min(amax_min) / E4M3_MAX
-    return torch.exp2(torch.ceil(torch.log2(s))) if scale_fmt == "ue8m0" else s
+    return pow2_ceil(s) if scale_fmt == "ue8m0" else s
+
+
+def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= s (s > 0), exactly: 2^ceil(log2 s) from the float's exponent
+    bits (frexp) rather than from log2, whose last bit varies between CPU kernels."""
+    mantissa, exponent = torch.frexp(s)  # s = mantissa · 2^exponent, mantissa in [0.5, 1)
+    exponent = exponent - (mantissa == 0.5).to(exponent.dtype)  # s already a power of two
+    return torch.ldexp(torch.ones_like(s), exponent)
 
 
 def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: str | None = None):
@@ -225,12 +233,18 @@ def limited_accum_matmul(a: torch.Tensor, b: torch.Tensor, mantissa_bits: int = 
 def quant_dequant(x: torch.Tensor, block_size: int = BLOCK_SIZE, dim: int = -1,
                   amax_min: float = AMAX_MIN) -> torch.Tensor:
     """x rounded through E4M3 in 1×block tiles along `dim` (zero-padded to a multiple of the
-    block), returned as float32 of x's shape: exactly what an FP8 GEMM sees of x."""
-    d, n = dim % x.dim(), x.shape[dim]
-    tiles = _pad(x.float(), block_size, d).unflatten(d, (-1, block_size))  # tile axis d + 1
+    block), returned as float32 of x's shape (float64 for a float64 x): exactly what an FP8 GEMM
+    sees of x. The scale is float32 as in the official kernels."""
+    d, n, work = dim % x.dim(), x.shape[dim], _work(x)
+    tiles = _pad(x.to(work), block_size, d).unflatten(d, (-1, block_size))  # tile axis d + 1
     s = _scale(tiles.abs().amax(d + 1, keepdim=True), None, amax_min)  # one scale per tile
-    y = (tiles / s).to(E4M3).float() * s  # quantise, dequantise
+    y = (tiles / s).to(E4M3).to(work) * s  # quantise, dequantise
     return y.flatten(d, d + 1).narrow(d, 0, n)
+
+
+def _work(x: torch.Tensor) -> torch.dtype:
+    """The simulation's working precision: float64 for a float64 tensor, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -238,18 +252,21 @@ class _FP8LinearFunction(torch.autograd.Function):
 
     The GEMMs multiply the dequantised operands in float32: products of E4M3 values are exact
     in float32, so this equals the block-scaled GEMM up to float32 summation order (and runs
-    as one matmul on a CPU). Gradient tiles use the floor GRAD_AMAX_MIN instead of the
+    as one matmul on a CPU). A float64 model runs them in float64: then the only rounding is
+    E4M3's, and the result does not depend on the CPU's float32 kernels (portable outputs).
+    Gradient tiles use the floor GRAD_AMAX_MIN instead of the
     inference kernel's 1e-4, which would coarsen the many gradient tiles smaller than 1e-4.
     """
 
     @staticmethod
     def forward(ctx, x, weight, block_size):
         k = weight.shape[1]
-        x2 = _pad(x.reshape(-1, k).float(), block_size, 1)  # [M, Kp]
+        work = _work(x)
+        x2 = _pad(x.reshape(-1, k).to(work), block_size, 1)  # [M, Kp]
         xq, xs = act_quant(x2, block_size)  # 1×128 tiles along K; cached for Wgrad in FP8
         wq, ws = weight_quant(weight.detach(), block_size)  # 128×128 blocks [N, K]
-        w = weight_dequant(wq, ws, block_size)  # [N, K]
-        y = act_dequant(xq, xs, block_size)[:, :k] @ w.T  # Fprop [M, N]
+        w = weight_dequant(wq, ws, block_size).to(work)  # [N, K]
+        y = act_dequant(xq, xs, block_size).to(work)[:, :k] @ w.T  # Fprop [M, N]
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.block_size, ctx.x_shape = block_size, x.shape
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
@@ -258,14 +275,15 @@ class _FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         xq, xs, wq, ws = ctx.saved_tensors
         b, k = ctx.block_size, ctx.x_shape[-1]
-        dy2 = dy.reshape(-1, dy.shape[-1]).float()  # [M, N]
+        work = _work(dy)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(work)  # [M, N]
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad: dx = dy W, reduction over N
-            w = weight_dequant(wq, ws, b)  # the same 128×128 blocks, used transposed
+            w = weight_dequant(wq, ws, b).to(work)  # the same 128×128 blocks, used transposed
             g = quant_dequant(dy2, b, amax_min=GRAD_AMAX_MIN)  # 1×128 tiles along N
             dx = (g @ w).reshape(ctx.x_shape).to(dy.dtype)  # [M, K]
         if ctx.needs_input_grad[1]:  # Wgrad: dW = dyᵀ x, reduction over the M tokens
-            x_cached = act_dequant(xq, xs, b)[:, :k]  # [M, K] read back from the FP8 cache
+            x_cached = act_dequant(xq, xs, b).to(work)[:, :k]  # [M, K] read from the FP8 cache
             g_t = quant_dequant(dy2, b, 0, GRAD_AMAX_MIN)  # 128×1 tiles (along tokens) [M, N]
             x_t = quant_dequant(x_cached, b, dim=0)  # re-quantised in 128×1 tiles [M, K]
             dw = g_t.T @ x_t  # [N, K]

@@ -54,7 +54,8 @@ class Transformer(nn.Module):
             Block(i, args, attn_impl, dispatch) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim)
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # complex64 [max_seq_len, d_rope/2]; a plain attribute, not a buffer, because
+        # complex [max_seq_len, d_rope/2] (complex128 when built under float64, as the notebooks
+        # build it, complex64 under float32); a plain attribute, not a buffer, because
         # Module.to(dtype) would cast a complex buffer to real and discard the sines
         self.freqs_cis = precompute_freqs_cis(args)
 
@@ -103,7 +104,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     model.eval()
     tokens, start = prompt, 0
     for _ in range(max_new_tokens):
-        logits = model(tokens[:, start:], start)[:, -1].float()  # [B, vocab]
+        logits = model(tokens[:, start:], start)[:, -1]  # [B, vocab]
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         start = tokens.shape[1]
         if temperature == 0:
             nxt = logits.argmax(dim=-1)

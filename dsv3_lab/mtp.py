@@ -36,6 +36,7 @@ from torch import nn
 from dsv3_lab.mla import RMSNorm, causal_mask
 from dsv3_lab.model import Block, Transformer
 from dsv3_lab.rope import positions
+from dsv3_lab.train import loss_precision
 
 
 class MTPModule(nn.Module):
@@ -55,7 +56,7 @@ class MTPModule(nn.Module):
         self.block = Block(layer_id, args)
         self.norm = RMSNorm(args.dim)
         self._shared = (model.embed, model.head)  # a tuple: nn.Module does not register it
-        self.freqs_cis = model.freqs_cis  # complex64 [max_seq_len, d_rope/2], shared table
+        self.freqs_cis = model.freqs_cis  # complex [max_seq_len, d_rope/2], shared table
 
     @property
     def embed(self) -> nn.Embedding:
@@ -138,12 +139,12 @@ def mtp_loss(mtp: MTP, batch: torch.Tensor, lam: float = 0.3) -> tuple[torch.Ten
         raise ValueError(f"mtp_loss: expected a batch [B, S+1], got {tuple(batch.shape)}")
     hidden = mtp.main.hidden(batch[:, :-1])  # h^0 [B, S, dim]
     logits = mtp.main.head(hidden)  # [B, S, vocab]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    loss = F.cross_entropy(loss_precision(logits).flatten(0, 1), batch[:, 1:].flatten())
     metrics = {"main_loss": float(loss.detach())}
     total = loss
     for k, lk in enumerate(mtp(batch, hidden), start=1):
         target = batch[:, k + 1:]  # t_{i+k+1} [B, S-k]
-        ce = F.cross_entropy(lk.float().flatten(0, 1), target.flatten())
+        ce = F.cross_entropy(loss_precision(lk).flatten(0, 1), target.flatten())
         total = total + lam / mtp.depth * ce
         metrics[f"mtp{k}_loss"] = float(ce.detach())
         metrics[f"mtp{k}_acc"] = float((lk.argmax(-1) == target).float().mean())

@@ -2,6 +2,11 @@
 
 Figures are written reproducibly: fixed dpi, no software/date metadata, so re-running a
 notebook rewrites byte-identical PNGs when the data are the same.
+
+Legibility: the README shows figures at about half page width (~430 px). The default figure
+is 5.6 × 3.4 in at 120 dpi (672 px wide) with 11 pt text, so text stays >= ~11 px on screen.
+`savefig` refuses a figure wider than MAX_WIDTH_IN inches or with visible text smaller than
+MIN_FONT_PT points, so every committed figure keeps that promise.
 """
 
 from __future__ import annotations
@@ -13,14 +18,20 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
-DPI = 110
+DPI = 120
+MIN_FONT_PT = 9.0
+MAX_WIDTH_IN = 11.0
 
 STYLE = {
-    "figure.figsize": (6.4, 3.6),
+    "figure.figsize": (5.6, 3.4),
     "figure.dpi": DPI,
     "savefig.dpi": DPI,
-    "font.size": 10,
-    "axes.titlesize": 11,
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
     "axes.grid": True,
     "grid.alpha": 0.3,
     "axes.spines.top": False,
@@ -52,9 +63,22 @@ def savefig(name: str, fig=None, volatile: bool = False) -> Path:
     if not name or "/" in name or "\\" in name:
         raise ValueError(f"savefig: expected a bare figure name like '01_rope', got {name!r}")
     fig = fig if fig is not None else plt.gcf()
+    check_legible(fig, name)
     path = FIGURES_DIR / (name if name.endswith(".png") else name + ".png")
     if volatile and path.exists() and os.environ.get("DSV3_REFRESH_VOLATILE") != "1":
         return path
     FIGURES_DIR.mkdir(exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     return path
+
+
+def check_legible(fig, name: str = "figure") -> None:
+    """Raise ValueError if `fig` is wider than MAX_WIDTH_IN or shows text under MIN_FONT_PT."""
+    width = fig.get_size_inches()[0]
+    if width > MAX_WIDTH_IN:
+        raise ValueError(f"savefig({name!r}): the figure is {width:.1f} in wide; at most "
+                         f"{MAX_WIDTH_IN} in stays legible at README size (split it)")
+    for text in fig.findobj(mpl.text.Text):
+        if text.get_visible() and text.get_text().strip() and text.get_fontsize() < MIN_FONT_PT:
+            raise ValueError(f"savefig({name!r}): text {text.get_text()[:30]!r} is "
+                             f"{text.get_fontsize():.1f} pt; use at least {MIN_FONT_PT} pt")

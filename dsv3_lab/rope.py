@@ -41,33 +41,47 @@ def yarn_correction_range(args: ModelArgs) -> tuple[int, int]:
     return max(low, 0), min(high, d - 1)
 
 
-def yarn_ramp(low: float, high: float, n: int) -> torch.Tensor:
+def _table_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """float32 (the official code's) or float64; None means torch's default dtype."""
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"rope: tables are float32 or float64, got {dtype}")
+    return dtype
+
+
+def yarn_ramp(low: float, high: float, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """ramp_i = clamp((i - low) / (high - low), 0, 1) for i = 0 .. n-1 (0: keep, 1: interpolate)."""
     if low == high:
         high += 0.001  # avoid a division by zero, as the official code does
-    ramp = (torch.arange(n, dtype=torch.float32) - low) / (high - low)  # [n]
+    ramp = (torch.arange(n, dtype=_table_dtype(dtype)) - low) / (high - low)  # [n]
     return ramp.clamp(0, 1)
 
 
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """ω'_i per pair, float32 [qk_rope_head_dim // 2], YaRN-corrected when YaRN is on."""
-    d = args.qk_rope_head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # [d/2]
+def rope_frequencies(args: ModelArgs, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """ω'_i per pair [qk_rope_head_dim // 2], YaRN-corrected when YaRN is on.
+
+    dtype: float32 (the official code's; bit-identical to it) or float64; default: torch's
+    default dtype, so a model built under float64 (the notebooks) gets a float64 table.
+    """
+    d, dtype = args.qk_rope_head_dim, _table_dtype(dtype)
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=dtype) / d))  # [d/2]
     if args.yarn_enabled:
         low, high = yarn_correction_range(args)
         # smooth_i = 1 - ramp_i (1: keep the pair, 0: divide it by s); written in this order so
         # that the float32 result is bit-identical to the official code
-        smooth = 1 - yarn_ramp(low, high, d // 2)  # [d/2]
+        smooth = 1 - yarn_ramp(low, high, d // 2, dtype)  # [d/2]
         freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
     return freqs
 
 
-def precompute_freqs_cis(args: ModelArgs) -> torch.Tensor:
-    """exp(j · m · ω'_i) for every position m < max_seq_len: complex64 [max_seq_len, d/2]."""
-    freqs = rope_frequencies(args)  # [d/2]
-    t = torch.arange(args.max_seq_len, dtype=torch.float32)  # [max_seq_len]
+def precompute_freqs_cis(args: ModelArgs, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """exp(j · m · ω'_i) for every position m < max_seq_len: [max_seq_len, d/2], complex64 for
+    dtype float32 (the official code), complex128 for float64; default: torch's default dtype."""
+    dtype = _table_dtype(dtype)
+    freqs = rope_frequencies(args, dtype)  # [d/2]
+    t = torch.arange(args.max_seq_len, dtype=dtype)  # [max_seq_len]
     angles = torch.outer(t, freqs)  # [max_seq_len, d/2]
-    return torch.polar(torch.ones_like(angles), angles)  # complex64 [max_seq_len, d/2]
+    return torch.polar(torch.ones_like(angles), angles)  # complex [max_seq_len, d/2]
 
 
 def positions(freqs_cis: torch.Tensor, start_pos: int, seqlen: int) -> torch.Tensor:

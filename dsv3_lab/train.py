@@ -20,6 +20,7 @@ API
         -> TrainResult(losses, metrics, lrs, seconds, tokens_per_s); .steps_per_s property
     evaluate(model, batches, loss_fn=None) -> float      mean loss over a finite iterable
     next_token_loss(model, batch) -> scalar tensor       the default loss_fn
+    loss_precision(logits) -> logits                     float64 stays float64, BF16 -> float32
     lr_at(step, steps, lr, warmup) -> float              the schedule above
     param_groups(model, weight_decay) -> list[dict]      AdamW groups (buffers never included)
 
@@ -84,6 +85,16 @@ def check_batch(batch: object) -> torch.Tensor:
     return batch
 
 
+def loss_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in the precision losses are computed in: BF16/FP16 go up to float32 (as the
+    official code does), float32 and float64 stay as they are. A float64 model must not drop to
+    float32 here: float32 softmax/log differ in their last bits between CPUs, and a training
+    run amplifies them into the printed digits (see dsv3_lab.notebook.setup_notebook)."""
+    if not logits.is_floating_point():
+        raise TypeError(f"expected floating-point logits, got {logits.dtype}")
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of model(batch[:, :-1]) against batch[:, 1:], mean over B·S tokens."""
     inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, S], [B, S]
@@ -91,7 +102,7 @@ def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 3 or logits.shape[:2] != inputs.shape:
         raise ValueError(f"model(tokens {tuple(inputs.shape)}) must return logits [B, S, V], "
                          f"got {tuple(logits.shape)}")
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # scalar
+    return F.cross_entropy(loss_precision(logits).flatten(0, 1), targets.flatten())  # scalar
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:

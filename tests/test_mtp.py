@@ -76,10 +76,10 @@ def test_depth_k_at_position_i_predicts_token_i_plus_k_plus_1(depth):
     assert [tuple(x.shape) for x in logits] == [(2, S - k, 256) for k in range(1, depth + 1)]
     # the loss is the explicit chain with shifts: depth k embeds t_{i+k}, targets t_{i+k+1}
     h = hidden
-    expected = F.cross_entropy(model.head(hidden).float().flatten(0, 1), batch[:, 1:].flatten())
+    expected = F.cross_entropy(model.head(hidden).flatten(0, 1), batch[:, 1:].flatten())
     for k, module in enumerate(mtp.layers, start=1):
         h, lk = module(h[:, : S - k], batch[:, k:S])
-        ce = F.cross_entropy(lk.float().flatten(0, 1), batch[:, k + 1:].flatten())
+        ce = F.cross_entropy(lk.flatten(0, 1), batch[:, k + 1:].flatten())
         expected = expected + 0.3 / depth * ce
     torch.testing.assert_close(mtp_loss(mtp, batch, lam=0.3)[0], expected)
     # causality: depth k's row i sees t_0..t_{i+k}; changing t_{i+k+1} (its target) does not
