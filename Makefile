@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-requirements
 
-.PHONY: lab test notebooks notebooks-refresh lint
+.PHONY: lab test test-portable notebooks notebooks-refresh lint
 
 # Set-up: create .venv on first use; redo it only when requirements.txt or pyproject.toml change.
 $(STAMP): requirements.txt pyproject.toml
@@ -20,6 +20,12 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+# Re-run every notebook under emulated machines (other ATen CPU capabilities, MKL paths):
+# stored outputs and figures must not depend on the CPU that wrote them. PORTABLE_MACHINES
+# (newline-separated env assignments) overrides the list; see scripts/test_portable.sh.
+test-portable: $(STAMP)
+	scripts/test_portable.sh
 
 # Re-execute every notebook in place (stored outputs and figures/). Cells marked
 # NBVAL_IGNORE_OUTPUT (timings, versions) keep their stored output while their source is
