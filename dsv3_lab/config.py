@@ -10,19 +10,46 @@ Parameter accounting (main model, no MTP; embedding and output head both counted
                + dim·(kv_lora_rank + d_rope) + kv_lora_rank + kv_lora_rank·H·(d_nope + d_v)
                + H·d_v·dim                                                          (output)
     expert     = 3·dim·moe_inter_dim                     (SwiGLU: w1, w2, w3)
-    MoE layer  = n_routed_experts·expert + shared + gate (n_routed_experts·dim + bias)
+    MoE layer  = n_routed_experts·expert + shared + gate (n_routed_experts·dim, + bias if any)
     total      = embed + head + final norm + Σ_layers (attention + 2 norms + FFN)
     active     = the same with only n_activated_experts routed experts per MoE layer
+
+Reading DeepSeek's JSON files (`ModelArgs.from_json`): a field the file omits takes the default of
+the *official* `ModelArgs` (inference/model.py, deepseek-ai/DeepSeek-V3), which describes the
+16B model (DeepSeek-V2-Lite: softmax, one group, no query compression), not our 671B defaults;
+and the gate carries a bias exactly when dim == 7168, as in the official `Gate`. So
+config_16B.json and config_236B.json build softmax routers without a bias, as the official code
+does. Fields beyond the official ones (norm_eps, gate_bias, n_mtp_layers) may be given in the
+file; omitted, they take the official code's behaviour (eps 1e-6, bias iff dim == 7168, and no
+MTP module, which the official inference code never builds).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DTYPES = ("bf16", "fp8")
+REAL_FIELDS = ("route_scale", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale",
+               "norm_eps")
+
+#: Defaults of the official ModelArgs (inference/model.py of deepseek-ai/DeepSeek-V3, commit
+#: 9b4e978): the 16B model. `from_json` fills the fields a JSON file omits from these.
+OFFICIAL_DEFAULTS = dict(
+    max_batch_size=8, max_seq_len=4096 * 4, dtype="bf16", scale_fmt=None, vocab_size=102400,
+    dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27, n_dense_layers=1, n_heads=16,
+    n_routed_experts=64, n_shared_experts=2, n_activated_experts=6, n_expert_groups=1,
+    n_limited_groups=1, score_func="softmax", route_scale=1.0, q_lora_rank=0, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, original_seq_len=4096,
+    rope_theta=10000.0, rope_factor=40.0, beta_fast=32, beta_slow=1, mscale=1.0,
+)
+#: Keys that only a Hugging Face config.json has (they are not official ModelArgs fields).
+_HF_KEYS = ("hidden_size", "num_hidden_layers", "model_type", "architectures",
+            "num_attention_heads", "intermediate_size")
 
 
 @dataclass
@@ -63,6 +90,14 @@ class ModelArgs:
     mscale: float = 1.0
     # Multi-Token Prediction (HF: num_nextn_predict_layers); not part of the main model
     n_mtp_layers: int = 1
+    # Not in the official ModelArgs (the official code hard-wires them):
+    # epsilon of the block and final RMSNorms (HF: rms_norm_eps; Moonlight and Kimi K2: 1e-5).
+    # The latent norms q_norm and kv_norm always use 1e-6, in the official code and in HF.
+    norm_eps: float = 1e-6
+    # Whether each gate carries the balancing bias b_i (V3 family). It also fixes how groups are
+    # ranked, as in the official Gate: with a bias by the sum of the top-2 biased scores, without
+    # one (DeepSeek-V2's device-limited routing) by the best score of each group.
+    gate_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.q_lora_rank is None:
@@ -71,6 +106,13 @@ class ModelArgs:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        for name in REAL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"ModelArgs.{name} must be a real number (int or float), got "
+                                f"{value!r} ({type(value).__name__})")
+        if not isinstance(self.gate_bias, bool):
+            raise TypeError(f"ModelArgs.gate_bias must be a bool, got {self.gate_bias!r}")
         positive = (
             "max_batch_size", "max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim",
             "n_layers", "n_heads", "n_routed_experts", "n_activated_experts", "n_expert_groups",
@@ -101,7 +143,7 @@ class ModelArgs:
                 f"n_expert_groups ({self.n_expert_groups})"
             )
         group_size = self.n_routed_experts // self.n_expert_groups
-        if self.n_expert_groups > 1 and group_size < 2:
+        if self.gate_bias and self.n_expert_groups > 1 and group_size < 2:
             raise ValueError(
                 f"ModelArgs.n_expert_groups ({self.n_expert_groups}) leaves {group_size} expert "
                 f"per group; group scores sum the top-2 experts, so a group needs >= 2"
@@ -131,13 +173,15 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.rope_theta must be > 1, got {self.rope_theta}")
         if not self.rope_factor >= 1:
             raise ValueError(f"ModelArgs.rope_factor must be >= 1, got {self.rope_factor}")
-        if not self.beta_fast > self.beta_slow > 0:
+        if not self.beta_fast >= self.beta_slow > 0:  # Kimi K2: beta_fast = beta_slow = 1
             raise ValueError(
-                f"ModelArgs.beta_fast ({self.beta_fast}) must be > beta_slow ({self.beta_slow}) "
+                f"ModelArgs.beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow}) "
                 f"> 0"
             )
         if not self.mscale > 0:
             raise ValueError(f"ModelArgs.mscale must be > 0, got {self.mscale}")
+        if not 0 < self.norm_eps < 1:
+            raise ValueError(f"ModelArgs.norm_eps must be in (0, 1), got {self.norm_eps}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -178,17 +222,35 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelArgs:
-        """Read DeepSeek's official config JSON (inference/configs/config_671B.json format)."""
+        """Read DeepSeek's inference/configs/*.json as the official code reads them.
+
+        Omitted fields take the official ModelArgs defaults (`OFFICIAL_DEFAULTS`, the 16B model),
+        the gate bias is on iff dim == 7168, eps is 1e-6 and no MTP module is built (module
+        docstring). A Hugging Face config.json is refused with a pointer to dsv3_lab.hf.
+        """
         with open(path) as f:
             data = json.load(f)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object of ModelArgs fields")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        hf_keys = [k for k in _HF_KEYS if k in data]
+        if hf_keys:
+            raise ValueError(
+                f"{path} looks like a Hugging Face config.json (it has {hf_keys}), not one of "
+                f"DeepSeek's inference/configs files; load it with "
+                f"transformers.AutoConfig.from_pretrained(...) and dsv3_lab.hf.from_hf_config")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"{path}: unknown ModelArgs fields {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**data)
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, known, n=1)
+                hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+            raise ValueError(f"{path}: unknown ModelArgs fields {', '.join(hints)}; expected a "
+                             f"subset of {sorted(known)}")
+        values = dict(OFFICIAL_DEFAULTS, n_mtp_layers=0, norm_eps=1e-6)
+        values.update(data)
+        values.setdefault("gate_bias", values["dim"] == 7168)  # the official Gate's rule
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -206,15 +268,33 @@ def attention_params(args: ModelArgs) -> int:
     return q + kv + h * args.v_head_dim * args.dim
 
 
+def check_args(args, where: str) -> ModelArgs:
+    """`args` itself if it is a valid ModelArgs (re-validated: fields may have been changed after
+    construction); otherwise a TypeError/ValueError naming `where` and what was expected."""
+    if not isinstance(args, ModelArgs):
+        raise TypeError(f"{where}: expected a dsv3_lab.config.ModelArgs, got "
+                        f"{type(args).__name__}; build one with ModelArgs(...), "
+                        f"ModelArgs.from_json or dsv3_lab.hf.from_hf_config")
+    try:
+        args._validate()
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: invalid ModelArgs: {err}") from None
+    return args
+
+
 def param_counts(args: ModelArgs) -> dict[str, int]:
     """Total and per-token activated parameters of the main model (no MTP), with a breakdown.
 
-    Keys: "embed", "head", "final_norm", "attention", "norms", "dense_ffn", "routed_experts",
-    "active_routed_experts", "shared_experts", "gate", "total", "active", "mtp" (extra unique
-    parameters of the MTP modules, embedding and head shared, not in "total").
+    Keys: "embedding" (= "embed", the input embedding), "head" (output head), "final_norm",
+    "attention", "norms", "dense_ffn", "routed_experts", "active_routed_experts",
+    "shared_experts", "gate" (weights, plus the bias when gate_bias), "total", "active",
+    "mtp" (extra unique parameters of the MTP modules, embedding and head shared, not in
+    "total"). Model cards that quote non-embedding counts subtract "embedding" (and "head").
     """
+    check_args(args, "param_counts")
     n_moe = args.n_layers - args.n_dense_layers
     expert = 3 * args.dim * args.moe_inter_dim
+    bias = args.n_routed_experts if args.gate_bias else 0
     counts = {
         "embed": args.vocab_size * args.dim,
         "head": args.vocab_size * args.dim,
@@ -225,17 +305,18 @@ def param_counts(args: ModelArgs) -> dict[str, int]:
         "routed_experts": n_moe * args.n_routed_experts * expert,
         "active_routed_experts": n_moe * args.n_activated_experts * expert,
         "shared_experts": n_moe * args.n_shared_experts * expert,
-        # gate weight plus the per-expert bias (a float32 buffer in dsv3_lab, a Parameter in the
-        # official code; counted, as in the published 671B figure)
-        "gate": n_moe * (args.n_routed_experts * args.dim + args.n_routed_experts),
+        # gate weight plus the per-expert bias b_i when the gates have one (a float32 buffer in
+        # dsv3_lab, a Parameter in the official code; counted, as in the published 671B figure)
+        "gate": n_moe * (args.n_routed_experts * args.dim + bias),
     }
     common = sum(counts[k] for k in ("embed", "head", "final_norm", "attention", "norms",
                                      "dense_ffn", "shared_experts", "gate"))
     counts["total"] = common + counts["routed_experts"]
     counts["active"] = common + counts["active_routed_experts"]
+    counts["embedding"] = counts["embed"]
     # one MTP module: enorm + hnorm + eh_proj + one MoE block + its final norm
     moe_block = (attention_params(args) + 2 * args.dim + (args.n_routed_experts
-                 + args.n_shared_experts) * expert + args.n_routed_experts * (args.dim + 1))
+                 + args.n_shared_experts) * expert + args.n_routed_experts * args.dim + bias)
     counts["mtp"] = args.n_mtp_layers * (2 * args.dim + 2 * args.dim * args.dim + moe_block
                                          + args.dim)
     return counts

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3_lab.config import ModelArgs
+from dsv3_lab.config import ModelArgs, check_args
 from dsv3_lab.rope import apply_rotary_emb, softmax_scale
 
 ATTN_IMPLS = ("naive", "absorb")
@@ -41,6 +41,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise ValueError(f"RMSNorm: expected last dimension {self.dim}, got {tuple(x.shape)}")
+        if x.dtype not in (self.weight.dtype, torch.float64):  # float64 stays float64
+            raise TypeError(f"RMSNorm: expected a {self.weight.dtype} (the module's dtype) or "
+                            f"float64 input, got {x.dtype}; convert the input, or the module "
+                            f"with .to(dtype)")
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = x.to(work)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -63,6 +67,7 @@ class MLA(nn.Module):
 
     def __init__(self, args: ModelArgs, attn_impl: str = "absorb"):
         super().__init__()
+        check_args(args, "MLA")
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"MLA: attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.attn_impl = attn_impl
@@ -84,6 +89,8 @@ class MLA(nn.Module):
                                bias=False)  # W_UK, W_UV
         self.wo = nn.Linear(H * self.v_head_dim, self.dim, bias=False)
         self.softmax_scale = softmax_scale(args)
+        # the cache holds valid entries for rows < cache_batch at positions < cache_len
+        self.cache_len, self.cache_batch = 0, 0
         B, T = args.max_batch_size, args.max_seq_len
         if attn_impl == "naive":  # expanded keys and values: H·(d_qk + d_v) per token
             self.register_buffer("k_cache", torch.zeros(B, T, H, self.qk_head_dim),
@@ -101,6 +108,15 @@ class MLA(nn.Module):
             raise ValueError(f"MLA: expected x of shape [batch, seq, dim={self.dim}], "
                              f"got {tuple(x.shape)}")
         bsz, seqlen, _ = x.shape
+        if x.dtype != self.wkv_a.weight.dtype:
+            raise TypeError(f"MLA: expected a {self.wkv_a.weight.dtype} input (the module's "
+                            f"dtype), got {x.dtype}; convert the input, or the module with "
+                            f".to(dtype)")
+        if bsz == 0 or seqlen == 0:
+            raise ValueError(f"MLA: expected at least one sequence and one position, got x of "
+                             f"shape {tuple(x.shape)}")
+        if not isinstance(start_pos, int) or isinstance(start_pos, bool):
+            raise TypeError(f"MLA: start_pos must be an int, got {start_pos!r}")
         if bsz > self.max_batch_size:
             raise ValueError(f"MLA: batch {bsz} is larger than the cache (max_batch_size="
                              f"{self.max_batch_size})")
@@ -109,6 +125,12 @@ class MLA(nn.Module):
                              f"cache (max_seq_len={self.max_seq_len})")
         if freqs_cis.shape[0] != seqlen:
             raise ValueError(f"MLA: freqs_cis has {freqs_cis.shape[0]} positions, x has {seqlen}")
+        if start_pos > 0 and (start_pos > self.cache_len or bsz > self.cache_batch):
+            raise ValueError(
+                f"MLA: start_pos={start_pos} (batch {bsz}) would read cache positions that were "
+                f"never written: the cache holds positions 0..{self.cache_len - 1} of "
+                f"{self.cache_batch} sequences; prefill from start_pos=0 first, then continue at "
+                f"start_pos <= {self.cache_len}")
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -120,6 +142,9 @@ class MLA(nn.Module):
         self._check(x, start_pos, freqs_cis)
         bsz, seqlen, _ = x.shape
         end_pos = start_pos + seqlen
+        # positions past end_pos are stale from now on (a rollback or a new, shorter prefill)
+        self.cache_len = end_pos
+        self.cache_batch = bsz if start_pos == 0 else min(bsz, self.cache_batch)
         H, d_nope = self.n_heads, self.qk_nope_head_dim
         if self.q_lora_rank == 0:
             q = self.wq(x)  # [B, S, H·d_qk]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3_lab.config import ModelArgs
+from dsv3_lab.config import ModelArgs, check_args
 from dsv3_lab.mla import MLA, RMSNorm, causal_mask
 from dsv3_lab.moe import MLP, MoE
 from dsv3_lab.rope import positions, precompute_freqs_cis
@@ -28,10 +28,11 @@ class Block(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, attn_impl: str = "absorb",
                  dispatch: str = "sorted"):
         super().__init__()
+        check_args(args, "Block")
         self.layer_id = layer_id
-        self.attn_norm = RMSNorm(args.dim)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = MLA(args, attn_impl)
-        self.ffn_norm = RMSNorm(args.dim)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         if layer_id < args.n_dense_layers:
             self.ffn = MLP(args.dim, args.inter_dim)
         else:
@@ -48,11 +49,11 @@ class Transformer(nn.Module):
 
     def __init__(self, args: ModelArgs, attn_impl: str = "absorb", dispatch: str = "sorted"):
         super().__init__()
-        self.args = args
+        self.args = check_args(args, "Transformer")
         self.embed = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(
             Block(i, args, attn_impl, dispatch) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
         # complex [max_seq_len, d_rope/2] (complex128 when built under float64, as the notebooks
         # build it, complex64 under float32); a plain attribute, not a buffer, because
@@ -64,6 +65,9 @@ class Transformer(nn.Module):
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"Transformer: expected tokens as a LongTensor [batch, seq], got "
                              f"{tokens.dtype} {tuple(tokens.shape)}")
+        if tokens.numel() == 0:
+            raise ValueError(f"Transformer: expected at least one sequence and one token, got "
+                             f"tokens of shape {tuple(tokens.shape)}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.args.vocab_size):
             raise ValueError(f"Transformer: token ids must be in [0, {self.args.vocab_size})")
         seqlen = tokens.shape[1]
@@ -92,10 +96,24 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     temperature 0 = greedy (argmax); otherwise sample from softmax(logits / temperature),
     optionally restricted to the top_k logits. Returns [B, S0 + max_new_tokens].
     """
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"generate: expected a prompt [batch, seq>=1], got {tuple(prompt.shape)}")
+    if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.long:
+        raise TypeError(f"generate: expected the prompt as a LongTensor of token ids, got "
+                        f"{getattr(prompt, 'dtype', type(prompt).__name__)}")
+    if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
+        raise ValueError(f"generate: expected a prompt [batch>=1, seq>=1], got "
+                         f"{tuple(prompt.shape)}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+        raise TypeError(f"generate: max_new_tokens must be an int, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise TypeError(f"generate: temperature must be a number, got {temperature!r}")
     if max_new_tokens < 0 or temperature < 0:
-        raise ValueError("generate: max_new_tokens and temperature must be >= 0")
+        raise ValueError(f"generate: max_new_tokens and temperature must be >= 0, got "
+                         f"{max_new_tokens}, {temperature}")
+    vocab = model.args.vocab_size
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                              or not 1 <= top_k <= vocab):
+        raise ValueError(f"generate: top_k must be None or an int in [1, vocab_size={vocab}], "
+                         f"got {top_k!r}")
     total = prompt.shape[1] + max_new_tokens
     if total > model.args.max_seq_len:
         raise ValueError(f"generate: prompt + max_new_tokens = {total} is past max_seq_len="

@@ -5,6 +5,7 @@ For a token u_t [dim] with N_r routed experts e_i (centroids = rows of gate.weig
     s_{i,t}  = sigmoid(u_tᵀ e_i)            affinity (V3; V2 used softmax)            (Eq. 15)
     s'_{i,t} = s_{i,t} + b_i                 bias b: chooses experts, never weighs them
     group score  = sum of the top-2 s' in each of n_expert_groups groups
+                   (gates without a bias, gate_bias=False: the best s of each group)
     keep the top n_limited_groups groups, set s' of the others to -inf (node-limited routing)
     top-K    = the n_activated_experts largest s'                                    (Eq. 14)
     g_{i,t}  = s_{i,t} / Σ_{j in top-K} s_{j,t} · route_scale   (unbiased, renormalised; Eq. 13)
@@ -14,10 +15,10 @@ For a token u_t [dim] with N_r routed experts e_i (centroids = rows of gate.weig
 With score_func="softmax" (V2) the top-K weights are not renormalised. No capacity limit and no
 token dropping: every token reaches exactly n_activated_experts experts.
 
-Groups are always ranked by the top-2 sum, because this gate always carries a bias. The official
-code ranks groups by their single best score only when a gate has no bias (DeepSeek-V2's
-device-limited routing); with score_func="softmax" and several groups this gate is therefore
-V3-style, not V2-exact.
+As in the official Gate, the group ranking follows the bias: a gate with the balancing bias
+(V3, gate_bias=True) ranks groups by the sum of their top-2 biased scores; a gate without one
+(DeepSeek-V2, gate_bias=False; transformers' "group_limited_greedy") ranks them by their best
+score. So score_func="softmax", gate_bias=False is V2's router exactly.
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3_lab.config import ModelArgs
+from dsv3_lab.config import ModelArgs, check_args
 
 DISPATCHES = ("sorted", "loop")
+
+
+def _check_dtype(x: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+    """A floating-point x of the module's dtype, or a TypeError saying what was expected."""
+    if x.dtype != dtype:
+        raise TypeError(f"{where}: expected a {dtype} input (the module's dtype), got {x.dtype}; "
+                        f"convert the input, or the module with .to(dtype)")
 
 
 class MLP(nn.Module):
@@ -59,6 +67,7 @@ class Gate(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        check_args(args, "Gate")
         self.dim = args.dim
         self.topk = args.n_activated_experts
         self.n_groups = args.n_expert_groups
@@ -67,8 +76,10 @@ class Gate(nn.Module):
         self.route_scale = args.route_scale
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear
-        # b_i: float32, updated by the load-balancing rule (dsv3_lab.balance), never by gradients
-        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        # b_i: float32, updated by the load-balancing rule (dsv3_lab.balance), never by gradients;
+        # None for gates without a bias (DeepSeek-V2), which then rank groups by their best score
+        bias = torch.zeros(args.n_routed_experts, dtype=torch.float32) if args.gate_bias else None
+        self.register_buffer("bias", bias)
         self.last_scores: torch.Tensor | None = None  # s [N, E] of the latest forward
         self.last_indices: torch.Tensor | None = None  # chosen experts [N, k]
 
@@ -76,16 +87,22 @@ class Gate(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"Gate: expected x of shape [tokens, dim={self.dim}], "
                              f"got {tuple(x.shape)}")
+        _check_dtype(x, self.weight.dtype, "Gate")
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         logits = F.linear(x.to(work), self.weight.to(work))  # [N, E]
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1)  # [N, E]
         else:
             scores = logits.sigmoid()  # s_{i,t} [N, E]
-        biased = scores.detach() + self.bias.to(work)  # s' [N, E], selection only
+        biased = scores.detach()  # s' [N, E], selection only
+        if self.bias is not None:
+            biased = biased + self.bias.to(work)
         if self.n_groups > 1:
             grouped = biased.view(x.shape[0], self.n_groups, -1)  # [N, G, E/G]
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+            if self.bias is None:  # V2: a group's best score
+                group_scores = grouped.amax(dim=-1)  # [N, G]
+            else:  # V3: sum of the group's top-2 biased scores
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
             keep = group_scores.topk(self.topk_groups, dim=-1).indices  # [N, topk_groups]
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
@@ -103,6 +120,7 @@ class MoE(nn.Module):
 
     def __init__(self, args: ModelArgs, dispatch: str = "sorted"):
         super().__init__()
+        check_args(args, "MoE")
         if dispatch not in DISPATCHES:
             raise ValueError(f"MoE: dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         self.dim = args.dim
@@ -118,6 +136,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise ValueError(f"MoE: expected last dimension dim={self.dim}, got {tuple(x.shape)}")
+        _check_dtype(x, self.shared_experts.w1.weight.dtype, "MoE")
+        if x.numel() == 0:
+            raise ValueError(f"MoE: expected at least one token, got x of shape {tuple(x.shape)}")
         shape = x.shape
         x = x.reshape(-1, self.dim)  # [N, dim]
         weights, indices = self.gate(x)  # [N, k], [N, k]

@@ -50,11 +50,11 @@ class MTPModule(nn.Module):
         super().__init__()
         args = model.args
         self.dim = args.dim
-        self.enorm = RMSNorm(args.dim)
-        self.hnorm = RMSNorm(args.dim)
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
         self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)  # M_k
         self.block = Block(layer_id, args)
-        self.norm = RMSNorm(args.dim)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
         self._shared = (model.embed, model.head)  # a tuple: nn.Module does not register it
         self.freqs_cis = model.freqs_cis  # complex [max_seq_len, d_rope/2], shared table
 
