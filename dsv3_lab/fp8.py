@@ -359,7 +359,14 @@ def from_fp8_checkpoint(state: dict[str, torch.Tensor], block_size: int = BLOCK_
     out = {}
     for key, value in state.items():
         if key.endswith("weight_scale_inv"):
+            if key[: -len("_scale_inv")] not in state:
+                raise ValueError(f"from_fp8_checkpoint: {key} has no weight "
+                                 f"{key[: -len('_scale_inv')]}")
             continue
         scale = state.get(key + "_scale_inv")
+        if scale is None and value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise ValueError(f"from_fp8_checkpoint: {key} is {value.dtype} but the checkpoint "
+                             f"has no {key}_scale_inv; an FP8 weight cannot be used without its "
+                             f"128x128 block scales")
         out[key] = value if scale is None else weight_dequant(value, scale, block_size).to(dtype)
     return out
