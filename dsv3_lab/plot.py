@@ -18,6 +18,9 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
+#: `make test-portable` sets DSV3_FIGURES_DIR to a scratch folder per emulated machine, then
+#: compares what was written there byte by byte with the committed figures/.
+FIGURES_ENV = "DSV3_FIGURES_DIR"
 DPI = 120
 MIN_FONT_PT = 9.0
 MAX_WIDTH_IN = 11.0
@@ -58,16 +61,19 @@ def savefig(name: str, fig=None, volatile: bool = False) -> Path:
     `name` is a bare file name such as "00_params" (".png" is added). Set `volatile=True` for
     figures drawn from wall-clock timings: they are written when missing or when the
     environment variable DSV3_REFRESH_VOLATILE=1 is set (`make notebooks-refresh`), so ordinary
-    re-runs do not rewrite them with new timing noise.
+    re-runs do not rewrite them with new timing noise. With DSV3_FIGURES_DIR set, figures go
+    to that folder instead (volatile ones are then skipped).
     """
     if not name or "/" in name or "\\" in name:
         raise ValueError(f"savefig: expected a bare figure name like '01_rope', got {name!r}")
     fig = fig if fig is not None else plt.gcf()
     check_legible(fig, name)
-    path = FIGURES_DIR / (name if name.endswith(".png") else name + ".png")
-    if volatile and path.exists() and os.environ.get("DSV3_REFRESH_VOLATILE") != "1":
-        return path
-    FIGURES_DIR.mkdir(exist_ok=True)
+    folder = Path(os.environ.get(FIGURES_ENV) or FIGURES_DIR)
+    path = folder / (name if name.endswith(".png") else name + ".png")
+    refresh = os.environ.get("DSV3_REFRESH_VOLATILE") == "1"
+    if volatile and not refresh and (path.exists() or folder != FIGURES_DIR):
+        return path  # timing figures: only `make notebooks-refresh` (or a first run) writes them
+    folder.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     return path
 
