@@ -51,7 +51,7 @@ class Op(NamedTuple):
 
 
 def stage_of(rank: int, direction: int, pp: int) -> int:
-    """The model stage that `rank` runs for micro-batches of `direction` (0: 0..PP-1, 1: reversed)."""
+    """The stage `rank` runs for micro-batches of `direction` (0: stages 0..PP-1, 1: reversed)."""
     return rank if direction == 0 else pp - 1 - rank
 
 
@@ -140,21 +140,9 @@ def dualpipe(pp: int, n_micro: int) -> list[list[Op]]:
     for r in range(pp):
         h = min(r, pp - 1 - r)
         near, far = (0, 1) if r < half else (1, 0)
-        nxt = {"F": [0, 0], "G": [0, 0]}  # next micro-batch per direction, forward / backward
-        pending: list[Task] = []  # split backwards whose W is still owed (one queue, FIFO)
         ops: list[Op] = []
-
-        def task(kind: str, d: int) -> Task:
-            key = "F" if kind == "F" else "G"
-            t = Task(kind, nxt[key][d], d)
-            nxt[key][d] += 1
-            if kind == "BI":
-                pending.append(t)
-            return t
-
-        def w() -> Op:
-            t = pending.pop(0)
-            return _one("W", t.mb, t.dir)
+        counts = _Counters()
+        task, w = counts.task, counts.weight
 
         for _ in range(2 * (half - h - 1)):  # phase 1
             ops.append(Op((task("F", near),)))
@@ -181,10 +169,31 @@ def dualpipe(pp: int, n_micro: int) -> list[list[Op]]:
             ops.append(Op((task("BI" if split else "B", near),)))
         for _ in range(half - h - 1):  # phase 7
             ops += [w(), Op((task("BI", near),))]
-        while pending:  # phase 8
+        while counts.pending:  # phase 8
             ops.append(w())
         sched.append(ops)
     return sched
+
+
+class _Counters:
+    """Next micro-batch per direction for forwards and for backwards, and the FIFO of split
+    backwards whose W is still owed (DualPipe keeps one such queue per rank)."""
+
+    def __init__(self):
+        self.next = {"F": [0, 0], "G": [0, 0]}
+        self.pending: list[Task] = []
+
+    def task(self, kind: str, d: int) -> Task:
+        key = "F" if kind == "F" else "G"
+        t = Task(kind, self.next[key][d], d)
+        self.next[key][d] += 1
+        if kind == "BI":
+            self.pending.append(t)
+        return t
+
+    def weight(self) -> Op:
+        t = self.pending.pop(0)
+        return _one("W", t.mb, t.dir)
 
 
 SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe}
@@ -195,6 +204,38 @@ def make_schedule(name: str, pp: int, n_micro: int) -> list[list[Op]]:
         raise ValueError(f"make_schedule: unknown schedule {name!r}, expected one of "
                          f"{sorted(SCHEDULES)}")
     return SCHEDULES[name](pp, n_micro)
+
+
+def check_complete(schedule: list[list[Op]]) -> None:
+    """Raise ValueError unless every (micro-batch, stage, direction) has exactly one F and one
+    backward (B or BI), every BI exactly one later W on the same rank, and no W lacks its BI."""
+    pp, seen = len(schedule), {}
+    for r, ops in enumerate(schedule):
+        split = set()
+        for op in ops:
+            for t in op.tasks:
+                if t.kind not in KINDS:
+                    raise ValueError(f"check_complete: unknown kind {t.kind!r} on rank {r}")
+                key = ("F" if t.kind == "F" else "W" if t.kind == "W" else "G",
+                       t.mb, t.dir, stage_of(r, t.dir, pp))
+                seen[key] = seen.get(key, 0) + 1
+                if t.kind == "BI":
+                    split.add((t.mb, t.dir))
+                elif t.kind == "W" and (t.mb, t.dir) not in split:
+                    raise ValueError(f"check_complete: rank {r} runs W{t.mb} before its BI")
+    n_dirs = n_directions(schedule)
+    mbs = {k[1] for k in seen}
+    for d in range(n_dirs):
+        for m in mbs:
+            for s in range(pp):
+                for kind in ("F", "G"):
+                    if seen.get((kind, m, d, s), 0) != 1:
+                        raise ValueError(f"check_complete: {kind} of micro-batch {m}, direction "
+                                         f"{d}, stage {s} runs {seen.get((kind, m, d, s), 0)}x")
+    n_bi = sum(t.kind == "BI" for ops in schedule for op in ops for t in op.tasks)
+    n_w = sum(t.kind == "W" for ops in schedule for op in ops for t in op.tasks)
+    if n_bi != n_w or any(v != 1 for k, v in seen.items() if k[0] == "W"):
+        raise ValueError(f"check_complete: {n_bi} split backwards but {n_w} W chunks")
 
 
 def n_directions(schedule: list[list[Op]]) -> int:

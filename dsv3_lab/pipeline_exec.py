@@ -1,4 +1,4 @@
-"""Run a pipeline schedule (dsv3_lab.pipeline) on real processes: torch.distributed, gloo, localhost.
+"""Run a pipeline schedule (dsv3_lab.pipeline) on real processes: torch.distributed, gloo.
 
 Each process is one pipeline rank. It holds its stages (two for DualPipe: stage r for direction 0
 and stage PP-1-r for direction 1), runs its list of ops in order and sends activations forward and
@@ -58,7 +58,7 @@ class DeferredLinear(torch.autograd.Function):
 
 def weight_grad(params, x: torch.Tensor, dy: torch.Tensor) -> None:
     """The W chunk of one linear layer: accumulate dW = dYᵀ X and db = Σ_n dY into .grad."""
-    for p, g in zip(params, (dy.T @ x, dy.sum(0))):
+    for p, g in zip(params, (dy.T @ x, dy.sum(0)), strict=True):
         p.grad = g if p.grad is None else p.grad + g
 
 
@@ -81,7 +81,7 @@ class MLPStage(nn.Module):
         self.store = WeightStore()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, dim] -> [n, dim]
-        for w, b in zip(self.weights, self.biases):
+        for w, b in zip(self.weights, self.biases, strict=True):
             x = torch.tanh(DeferredLinear.apply(x, w, b, self.store))
         return x
 
@@ -130,9 +130,31 @@ def sequential_reference(pp: int, n_micro: int, n_dirs: int, dim: int = 16, n_la
                 else:
                     torch.autograd.backward(out, grad)
                 grad = inp.grad
-    grads = [[sum(p.grad for p in ps) for ps in zip(*[c[s].parameters() for c in copies])]
-             for s in range(pp)]
+    grads = [[sum(ps) for ps in zip(*[[p.grad for p in c[s].parameters()] for c in copies],
+                                    strict=True)] for s in range(pp)]
     return losses, grads
+
+
+def autograd_reference(pp: int, n_micro: int, n_dirs: int, dim: int = 16, n_layers: int = 2,
+                       rows: int = 8, seed: int = 0):
+    """The same model as plain nn.Linear + tanh under ordinary autograd, all micro-batches'
+    losses summed: an independent check of DeferredLinear (equal up to rounding, not bitwise)."""
+    stages = build_stages(pp, dim, n_layers, seed)
+    layers = []
+    for st in stages:
+        for w, b in zip(st.weights, st.biases, strict=True):
+            lin = nn.Linear(dim, dim)
+            lin.weight.data.copy_(w.data)
+            lin.bias.data.copy_(b.data)
+            layers += [lin, nn.Tanh()]
+    model = nn.Sequential(*layers)
+    total = sum(loss_fn(model(x), y) for per_dir in make_data(n_dirs, n_micro, rows, dim, seed)
+                for x, y in per_dir)
+    total.backward()
+    grads = [p.grad for p in model.parameters()]  # w0, b0, w1, b1, ... in stage order
+    per = 2 * n_layers
+    return [[*grads[s * per:(s + 1) * per:2], *grads[s * per + 1:(s + 1) * per:2]]
+            for s in range(pp)]
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -207,6 +229,21 @@ def run_rank(rank: int, pp: int, name: str, n_micro: int, dim: int, n_layers: in
     grads = {stage_of(rank, d, pp): [p.grad.clone() for p in st.parameters()]
              for d, st in stages.items()}
     return {"losses": losses, "grads": grads, "log": log}
+
+
+def gather(ranks: list[dict], pp: int):
+    """Per-rank results -> (losses[d][mb], grads[stage][param]) laid out like
+    `sequential_reference`; a stage's two DualPipe copies are summed in direction order."""
+    losses: dict = {}
+    for res in ranks:
+        losses.update(res["losses"])
+    n_dirs = 1 + max(d for d, _ in losses)
+    per_dir = len(losses) // n_dirs
+    grads = []
+    for s in range(pp):
+        parts = [ranks[rank_of(s, d, pp)]["grads"][s] for d in range(n_dirs)]
+        grads.append([sum(ps) for ps in zip(*parts, strict=True)])
+    return [[losses[(d, m)] for m in range(per_dir)] for d in range(n_dirs)], grads
 
 
 def free_port() -> int:
