@@ -12,11 +12,12 @@ K = n_activated_experts, one forward on rank r (V3 §3.2.2, "dispatch" and "comb
     combine  send y_p back (the reverse all_to_all)        out[t] = Σ_k y_{t,k}
     output   out + shared_experts(x_r)                      shared experts stay local
 
-Same summation order as MoE.forward_sorted: an expert sees its rows in global token order
-(ranks hold consecutive token chunks; received rows are ordered by source rank, then token) and
-each token's K outputs are added in expert order. So the result is bit-identical to the
-single-process MoE wherever a matrix product's row does not depend on how many rows it has
-(one thread); the tests assert equality.
+Same order as MoE.forward_sorted: an expert sees its rows in global token order (ranks hold
+consecutive token chunks; received rows are ordered by source rank, then token) and each token's
+K outputs are added in expert order. The routing is therefore identical token by token, and the
+output equal up to the last bits of matrix products whose row count differs (the gate and the
+shared expert see n = N/W rows here, N there; BLAS may block them differently): a few ulps,
+asserted with a tight bound (1e-12 in float64).
 
 Low-precision communication (V3 §3.3.3): the dispatched activations are quantised to E4M3 in
 1×128 tiles with power-of-two scales (s = 2^ceil(log2(amax / 448))), so the receiving rank can
@@ -90,6 +91,7 @@ class EPMoE(nn.Module):
                                      for _ in range(self.n_local))
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
         self.last_stats: dict | None = None
+        self.last_indices: torch.Tensor | None = None  # experts chosen for the local tokens
 
     @classmethod
     def from_moe(cls, moe: MoE, args: ModelArgs, rank: int, world_size: int, **kwargs) -> EPMoE:
@@ -106,6 +108,7 @@ class EPMoE(nn.Module):
             raise ValueError(f"EPMoE: expected local tokens [n, dim={self.dim}], "
                              f"got {tuple(x.shape)}")
         weights, indices = self.gate(x)  # [n, K] each
+        self.last_indices = indices
         k, W = indices.shape[1], self.world_size
         order = indices.flatten().argsort(stable=True)  # [n·K], grouped by expert, so by rank
         token, expert = order // k, indices.flatten()[order]  # [n·K] each
@@ -155,7 +158,8 @@ def ep_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
 
     args: a ModelArgs field dict; state: a MoE state_dict; x [N, dim] all tokens (rank r takes
     chunk r of W); modes: names from MODES. Returns, per case, {"y": {mode: y_r [N/W, dim]},
-    "stats": traffic statistics of the first mode}.
+    "indices": {mode: chosen experts [N/W, K]}, "stats": traffic statistics of the first mode,
+    with this process's thread count and default dtype}.
     """
     results = []
     for case in cases:
@@ -166,7 +170,7 @@ def ep_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
         if x.shape[0] % world_size:
             raise ValueError(f"ep_worker: {x.shape[0]} tokens do not split over {world_size} ranks")
         x_r = x.chunk(world_size)[rank]  # [N/W, dim] this rank's tokens
-        out, stats = {}, None
+        out, chosen, stats = {}, {}, None
         for mode in case.get("modes", ("float64",)):
             if mode not in MODES:
                 raise ValueError(f"ep_worker: mode must be one of {sorted(MODES)}, got {mode!r}")
@@ -177,18 +181,22 @@ def ep_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
                                 fp8_dispatch=fp8, bf16_combine=bf16)
             with torch.no_grad():
                 out[mode] = ep(x_r.to(dtype))
-            stats = stats or ep.last_stats
-        results.append({"y": out, "stats": stats})
+            chosen[mode] = ep.last_indices
+            stats = stats or dict(ep.last_stats, threads=torch.get_num_threads(),
+                                  dtype=str(torch.get_default_dtype()))
+        results.append({"y": out, "indices": chosen, "stats": stats})
     return results
 
 
 def run_expert_parallel(moe: MoE, args: ModelArgs, x: torch.Tensor, world_size: int,
                         ranks_per_node: int = 1, modes=("float64",), timeout: float = 120.0):
-    """Launch ep_worker on W gloo processes; returns ({mode: y [N, dim]}, per-rank stats)."""
+    """Launch ep_worker on W gloo processes: ({mode: y [N, dim]}, {mode: indices [N, K]},
+    per-rank stats)."""
     from dsv3_lab.parallel import launch
 
     case = {"args": args.to_dict(), "state": moe.state_dict(), "x": x,
             "ranks_per_node": ranks_per_node, "modes": tuple(modes)}
     ranks = launch(ep_worker, world_size, [case], timeout=timeout)
     ys = {m: torch.cat([r[0]["y"][m] for r in ranks]) for m in modes}
-    return ys, [r[0]["stats"] for r in ranks]
+    chosen = {m: torch.cat([r[0]["indices"][m] for r in ranks]) for m in modes}
+    return ys, chosen, [r[0]["stats"] for r in ranks]

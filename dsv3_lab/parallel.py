@@ -66,6 +66,20 @@ def _entry(rank: int, world_size: int, port: int, worker: Callable, args: tuple,
         results.put((rank, False, traceback.format_exc()))
 
 
+def _failures(worker: Callable, failed: dict, results, world_size: int, grace: float = 2.0):
+    """Message with every rank's traceback that arrives within `grace` seconds of the first."""
+    end = time.monotonic() + grace
+    while len(failed) < world_size and time.monotonic() < end:
+        try:
+            rank, ok, payload = results.get(timeout=0.1)
+        except queue_module.Empty:
+            continue
+        if not ok:
+            failed[rank] = payload
+    text = "\n".join(f"--- rank {r}:\n{failed[r]}" for r in sorted(failed))
+    return f"launch: {worker.__name__} failed on rank(s) {sorted(failed)}:\n{text}"
+
+
 def launch(worker: Callable, world_size: int, *args, timeout: float = 120.0) -> list:
     """Run worker(rank, world_size, *args) in world_size gloo processes; results by rank.
 
@@ -103,8 +117,8 @@ def launch(worker: Callable, world_size: int, *args, timeout: float = 120.0) -> 
                                        f"{timeout} s ({len(outputs)} of {world_size} ranks "
                                        f"reported)") from None
                 continue
-            if not ok:
-                raise RuntimeError(f"launch: rank {rank} of {worker.__name__} failed:\n{payload}")
+            if not ok:  # the others may fail as a consequence: collect them briefly
+                raise RuntimeError(_failures(worker, {rank: payload}, results, world_size))
             outputs[rank] = pickle.loads(payload)
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
@@ -118,14 +132,6 @@ def launch(worker: Callable, world_size: int, *args, timeout: float = 120.0) -> 
 
 
 # ---------------------------------------------------------------------------- test workers
-def echo_worker(rank: int, world_size: int, value=None) -> dict:
-    """Smoke test: all_reduce the ranks (sum 0 + 1 + ... + W-1) and echo `value`."""
-    t = torch.tensor([float(rank)])
-    dist.all_reduce(t)
-    return {"rank": rank, "sum": t.item(), "value": value,
-            "threads": torch.get_num_threads(), "dtype": str(torch.get_default_dtype())}
-
-
 def failing_worker(rank: int, world_size: int, bad_rank: int = 1) -> None:
     """Raises on rank `bad_rank`; the others wait in a collective that can never finish."""
     if rank == bad_rank:
