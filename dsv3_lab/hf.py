@@ -74,6 +74,16 @@ HF_FIELDS = {
     "model_type": "selects the V2 or V3 semantics",
 }
 
+#: Config fields that do not change the architecture's outputs, and why they are ignored.
+HF_IGNORED = {
+    "initializer_range": "initialisation only", "use_cache": "runtime option",
+    "output_router_logits": "runtime option", "pad_token_id": "tokenizer",
+    "bos_token_id": "tokenizer", "eos_token_id": "tokenizer",
+    "pretraining_tp": "not used by transformers' DeepSeek models",
+    "attention_dropout": "training-time dropout; dsv3_lab has none (DeepSeek's configs use 0)",
+    "head_dim": "derived (= qk_rope_head_dim)",
+}
+
 
 def _family(args: ModelArgs) -> str:
     if args.score_func == "sigmoid" and args.gate_bias:
