@@ -261,3 +261,41 @@ def test_errors():
         attn(torch.randn(1, 2, args.dim), 0, freqs[:3], None)
     with pytest.raises(ValueError, match="mask"):
         attn(torch.randn(1, 3, args.dim), 0, freqs[:3], causal_mask(3, 1))
+
+
+def test_bad_inputs():
+    args = small_args()
+    attn, freqs = MLA(args), precompute_freqs_cis(args)
+    norm = RMSNorm(8)
+    with pytest.raises(TypeError, match="RMSNorm: expected a torch.float32"):
+        norm(torch.ones(2, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="RMSNorm: expected a torch.float32"):
+        norm(torch.ones(2, 8).half())
+    for bad in (torch.zeros(1, 2, args.dim, dtype=torch.long),
+                torch.zeros(1, 2, args.dim, dtype=torch.bfloat16)):
+        with pytest.raises(TypeError, match=r"MLA: expected a torch.float32 input"):
+            attn(bad, 0, freqs[:2], causal_mask(2))
+    with pytest.raises(ValueError, match="at least one sequence and one position"):
+        attn(torch.zeros(1, 0, args.dim), 0, freqs[:0], None)
+    with pytest.raises(ValueError, match="at least one sequence and one position"):
+        attn(torch.zeros(0, 2, args.dim), 0, freqs[:2], causal_mask(2))
+    with pytest.raises(TypeError, match="MLA: expected a dsv3_lab.config.ModelArgs"):
+        MLA(vars(args))
+
+
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_decode_may_not_read_unwritten_cache_positions(impl):
+    args = small_args()
+    attn, freqs = MLA(args, impl), precompute_freqs_cis(args)
+    x = torch.randn(2, 6, args.dim)
+    with pytest.raises(ValueError, match="never written"):  # no prefill yet
+        attn(x[:, :1], 3, positions(freqs, 3, 1), None)
+    attn(x[:, :4], 0, positions(freqs, 0, 4), causal_mask(4))  # prefill positions 0..3
+    attn(x[:, 4:5], 4, positions(freqs, 4, 1), None)  # next position: fine
+    with pytest.raises(ValueError, match=r"cache holds positions 0\.\.4 of 2 sequences"):
+        attn(x[:, 5:6], 6, positions(freqs, 6, 1), None)  # skips position 5
+    with pytest.raises(ValueError, match="never written"):  # a third sequence was never filled
+        attn(torch.randn(3, 1, args.dim), 5, positions(freqs, 5, 1), None)
+    attn(x[:, 2:3], 2, positions(freqs, 2, 1), None)  # a rollback rewrites position 2 ...
+    with pytest.raises(ValueError, match="never written"):  # ... and invalidates 3, 4
+        attn(x[:, 4:5], 4, positions(freqs, 4, 1), None)

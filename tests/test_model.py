@@ -181,3 +181,52 @@ def test_errors():
         generate(model, torch.zeros(1, 200, dtype=torch.long), 100)
     with pytest.raises(ValueError, match="sigmoid"):
         to_hf(Transformer(ModelArgs.tiny(score_func="softmax")))
+
+
+def test_bad_input_is_refused_clearly():
+    args = ModelArgs.tiny()
+    model = Transformer(args)
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least one sequence and one token"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one sequence and one token"):
+        model(torch.zeros(0, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"prompt \[batch>=1, seq>=1\]"):
+        generate(model, torch.zeros(0, 3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"prompt \[batch>=1, seq>=1\]"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(TypeError, match="LongTensor of token ids"):
+        generate(model, prompt.float(), 2)
+    for bad in (2.0, "3", None):
+        with pytest.raises(TypeError, match="max_new_tokens must be an int"):
+            generate(model, prompt, bad)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        generate(model, prompt, 2, temperature="0.7")
+    for bad in (0, -1, args.vocab_size + 1, 2.5):
+        with pytest.raises(ValueError, match=r"top_k must be None or an int in \[1, vocab"):
+            generate(model, prompt, 2, temperature=1.0, top_k=bad)
+    out = generate(model, prompt, 2, temperature=1.0, top_k=args.vocab_size,
+                   generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 5)
+    with pytest.raises(ValueError, match="never written"):  # decode step past the prefill
+        model(torch.zeros(1, 1, dtype=torch.long), start_pos=10)
+    with pytest.raises(TypeError, match="Transformer: expected a dsv3_lab.config.ModelArgs"):
+        Transformer(args.to_dict())
+
+
+def test_fp8_checkpoint_without_a_scale_is_refused():
+    from dsv3_lab.fp8 import from_fp8_checkpoint, to_fp8_checkpoint
+
+    model = Transformer(ModelArgs.tiny())
+    state = to_fp8_checkpoint(model)
+    name = "layers.0.attn.wkv_a.weight_scale_inv"
+    assert name in state
+    restored = from_fp8_checkpoint(state)
+    model.load_state_dict(restored)  # the complete checkpoint loads
+    del state[name]
+    with pytest.raises(ValueError, match=r"wkv_a.weight is torch.float8_e4m3fn but the "
+                                         r"checkpoint has no layers.0.attn.wkv_a.weight_scale_inv"):
+        from_fp8_checkpoint(state)
+    orphan = {"x.weight_scale_inv": torch.ones(1, 1)}
+    with pytest.raises(ValueError, match="x.weight_scale_inv has no weight x.weight"):
+        from_fp8_checkpoint(orphan)

@@ -273,3 +273,71 @@ def test_mlp_is_swiglu():
     a, b = x @ mlp.w1.weight.T, x @ mlp.w3.weight.T
     expected = (a * torch.sigmoid(a) * b) @ mlp.w2.weight.T
     assert torch.allclose(mlp(x), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- V2-style gates, bad input
+def test_gate_without_bias_ranks_groups_by_their_best_score():
+    """gate_bias=False (DeepSeek-V2): no bias buffer, groups ranked by their best score, and
+    the weights are the plain softmax scores times route_scale (no renormalisation)."""
+    args = ModelArgs.tiny(score_func="softmax", gate_bias=False, n_limited_groups=1,
+                          n_activated_experts=2, route_scale=16.0)
+    gate = Gate(args)
+    assert gate.bias is None and "bias" not in gate.state_dict()
+    x = vectors(0, 500, args.dim)
+    weights, idx = gate(x)
+    scores = torch.nn.functional.linear(x, gate.weight).softmax(-1)  # [N, E]
+    grouped = scores.view(500, args.n_expert_groups, -1)  # [N, G, E/G]
+    best = grouped.amax(-1).argmax(-1)  # the kept group [N]
+    want = grouped[torch.arange(500), best].topk(2, -1)  # top-2 inside it
+    size = args.n_routed_experts // args.n_expert_groups
+    assert torch.equal(idx.sort(-1).values, (best[:, None] * size + want.indices).sort(-1).values)
+    assert torch.allclose(weights.sort(-1).values, (16.0 * want.values).sort(-1).values)
+    top2 = grouped.topk(2, -1).values.sum(-1).argmax(-1)
+    assert (top2 != best).float().mean() > 0.05  # the V3 rule would route these elsewhere
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_equal_to_transformers_deepseek_v2_moe(seed):
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    from dsv3_lab.hf import to_hf_config
+
+    args = ModelArgs.tiny(score_func="softmax", gate_bias=False, route_scale=16.0,
+                          n_shared_experts=2)
+    torch.manual_seed(seed)
+    moe = MoE(args)
+    config = to_hf_config(args)
+    assert config.topk_method == "group_limited_greedy"
+    config._experts_implementation = "eager"
+    hf = DeepseekV2Moe(config)
+    sd = {
+        "gate.weight": moe.gate.weight,
+        "experts.gate_up_proj": torch.stack(
+            [torch.cat([e.w1.weight, e.w3.weight]) for e in moe.experts]),  # [E, 2I, dim]
+        "experts.down_proj": torch.stack([e.w2.weight for e in moe.experts]),  # [E, dim, I]
+        "shared_experts.gate_proj.weight": moe.shared_experts.w1.weight,
+        "shared_experts.up_proj.weight": moe.shared_experts.w3.weight,
+        "shared_experts.down_proj.weight": moe.shared_experts.w2.weight,
+    }
+    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    x = vectors(seed + 10, 2, 40, args.dim)
+    with torch.no_grad():
+        assert (moe(x) - hf(x)).abs().max() < 1e-5
+
+
+def test_bad_inputs_and_unvalidated_configs():
+    args = ModelArgs.tiny()
+    gate, moe = Gate(args), MoE(args)
+    for bad in (torch.zeros(3, args.dim, dtype=torch.long), torch.zeros(3, args.dim).half()):
+        with pytest.raises(TypeError, match=r"Gate: expected a torch.float32 input"):
+            gate(bad)
+        with pytest.raises(TypeError, match=r"MoE: expected a torch.float32 input"):
+            moe(bad.unsqueeze(0))
+    with pytest.raises(ValueError, match="MoE: expected at least one token"):
+        moe(torch.zeros(0, 5, args.dim))
+    with pytest.raises(TypeError, match="Gate: expected a dsv3_lab.config.ModelArgs, got dict"):
+        Gate(args.to_dict())
+    changed = ModelArgs.tiny()
+    changed.n_activated_experts = 99  # edited after validation
+    with pytest.raises(ValueError, match="MoE: invalid ModelArgs: ModelArgs.n_activated_experts"):
+        MoE(changed)
