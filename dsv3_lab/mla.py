@@ -22,6 +22,7 @@ Tensor layout: [batch, seq, heads, head_dim]. Softmax in float32.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from dsv3_lab.config import ModelArgs, check_args
@@ -150,7 +151,7 @@ class MLA(nn.Module):
             q = self.wq(x)  # [B, S, H·d_qk]
         else:
             q = self.wq_b(self.q_norm(self.wq_a(x)))  # c_q [B, S, q_lora_rank] -> [B, S, H·d_qk]
-        q = q.view(bsz, seqlen, H, self.qk_head_dim)  # [B, S, H, d_qk]
+        q = rearrange(q, "b s (h d) -> b s h d", h=H)  # split heads [B, S, H, d_qk]
         q_nope, q_pe = torch.split(q, [d_nope, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs_cis)  # [B, S, H, d_rope]
         kv = self.wkv_a(x)  # [B, S, kv_lora_rank + d_rope]
@@ -158,7 +159,7 @@ class MLA(nn.Module):
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis)  # [B, S, 1, d_rope]
         c_kv = self.kv_norm(kv)  # [B, S, kv_lora_rank]
         if self.attn_impl == "naive":
-            kv_up = self.wkv_b(c_kv).view(bsz, seqlen, H, d_nope + self.v_head_dim)
+            kv_up = rearrange(self.wkv_b(c_kv), "b s (h d) -> b s h d", h=H)  # [B,S,H,d_nope+d_v]
             k_nope, v = torch.split(kv_up, [d_nope, self.v_head_dim], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, H, d_qk]
             k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)  # [B, S, H, d_qk]
@@ -166,7 +167,7 @@ class MLA(nn.Module):
             v = self._update("v_cache", v, bsz, start_pos)  # [B, T, H, d_v]
             scores = torch.einsum("bshd,bthd->bsht", q, k) * self.softmax_scale  # [B, S, H, T]
         else:
-            w = self.wkv_b.weight.view(H, d_nope + self.v_head_dim, self.kv_lora_rank)
+            w = rearrange(self.wkv_b.weight, "(h d) c -> h d c", h=H)  # [W_UK ; W_UV] per head
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :d_nope])  # W_UKᵀ q [B,S,H,c]
             c_kv = self._update("kv_cache", c_kv, bsz, start_pos)  # [B, T, kv_lora_rank]
             k_pe = self._update("pe_cache", k_pe.squeeze(2), bsz, start_pos)  # [B, T, d_rope]
@@ -184,7 +185,7 @@ class MLA(nn.Module):
         else:
             o_lat = torch.einsum("bsht,btc->bshc", probs, c_kv)  # [B, S, H, kv_lora_rank]
             o = torch.einsum("bshc,hdc->bshd", o_lat, w[:, d_nope:])  # W_UV o_lat [B,S,H,d_v]
-        return self.wo(o.flatten(2))  # [B, S, dim]
+        return self.wo(rearrange(o, "b s h d -> b s (h d)"))  # merge heads -> [B, S, dim]
 
     def _update(self, name: str, new: torch.Tensor, bsz: int, start_pos: int) -> torch.Tensor:
         """Write `new` (this chunk) into cache `name`; return [cached prefix ; new] along seq."""
