@@ -252,6 +252,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _warm_up(rank: int, pp: int) -> None:
+    """Open every neighbour connection once (gloo opens pairs lazily) so timings exclude it."""
+    import torch.distributed as dist
+
+    reqs = [dist.isend(torch.zeros(1), dst=peer, tag=999_999) for peer in (rank - 1, rank + 1)
+            if 0 <= peer < pp]
+    for peer in (rank - 1, rank + 1):
+        if 0 <= peer < pp:
+            dist.recv(torch.empty(1), src=peer, tag=999_999)
+    for req in reqs:
+        req.wait()
+    dist.barrier()
+
+
 def _worker(rank: int, pp: int, port: int, jobs: list, cfg: dict, out_dir: str, timeout: float):
     try:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -260,6 +274,9 @@ def _worker(rank: int, pp: int, port: int, jobs: list, cfg: dict, out_dir: str, 
         import torch.distributed as dist
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=pp, timeout=timedelta(seconds=timeout))
+        _warm_up(rank, pp)
+        for name, n in jobs:  # untimed pass: first calls load kernels and open buffers lazily
+            run_rank(rank, pp, name, n, **cfg)
         results = {(name, n): run_rank(rank, pp, name, n, **cfg) for name, n in jobs}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()

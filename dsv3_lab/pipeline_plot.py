@@ -1,13 +1,13 @@
-"""Drawings for notebook 10: Gantt charts of pipeline timelines (in the manner of V3 Figure 5) and
-the DualPipe placement diagram. Colours: forward, backward, backward-for-input, backward-for-
-weights; the reverse direction of DualPipe in a lighter shade; an overlapped F&B pair drawn as two
-half-height cells with one black border.
+"""Gantt charts of pipeline timelines for notebook 10, in the manner of V3 Figure 5.
+
+Colours: forward, full backward, backward for input, backward for weights; the reverse direction
+of DualPipe in a lighter shade; an overlapped F&B pair drawn as two half-height cells inside one
+black border. Numbers in the cells are micro-batch indices (per direction).
 """
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
-from matplotlib.patches import FancyArrowPatch, Rectangle
+from matplotlib.patches import Rectangle
 
 from dsv3_lab.pipeline import Op
 
@@ -59,27 +59,3 @@ def legend_handles(kinds=("F", "B", "BI", "W"), reverse: bool = False):
     handles.append(Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="black",
                              label="overlapped F&B"))
     return handles
-
-
-def dualpipe_placement(pp: int = 4):
-    """Concept diagram: rank r holds stage r of direction 0 and stage PP-1-r of direction 1."""
-    fig, ax = plt.subplots(figsize=(6.4, 2.6))
-    for r in range(pp):
-        for row, (d, color) in enumerate(((0, KIND_COLORS["F"]), (1, REVERSE["F"]))):
-            s = r if d == 0 else pp - 1 - r
-            ax.add_patch(Rectangle((r * 1.5, 1 - row), 1.2, 0.8, facecolor=color,
-                                   edgecolor="black", linewidth=0.8))
-            ax.text(r * 1.5 + 0.6, 1.4 - row, f"stage {s}", ha="center", va="center", fontsize=9)
-        ax.text(r * 1.5 + 0.6, -0.3, f"rank {r}", ha="center", va="center", fontsize=10)
-    for r in range(pp - 1):
-        ax.add_patch(FancyArrowPatch((r * 1.5 + 1.2, 1.4), (r * 1.5 + 1.5, 1.4),
-                                     arrowstyle="->", mutation_scale=10))
-        ax.add_patch(FancyArrowPatch((r * 1.5 + 1.5, 0.4), (r * 1.5 + 1.2, 0.4),
-                                     arrowstyle="->", mutation_scale=10))
-    ax.text(-0.2, 1.4, "direction 0\n(enters rank 0)", ha="right", va="center", fontsize=8)
-    ax.text(-0.2, 0.4, "direction 1\n(enters rank PP-1)", ha="right", va="center", fontsize=8)
-    ax.set_xlim(-2.0, pp * 1.5)
-    ax.set_ylim(-0.6, 2.0)
-    ax.axis("off")
-    ax.set_title("DualPipe: every rank holds two stages (2x parameters)", loc="left")
-    return fig
