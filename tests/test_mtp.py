@@ -181,3 +181,138 @@ def test_errors():
         MTP(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="too short"):
         mtp(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 1, model.args.dim))
+
+
+# ---------------------------------------------------------------- transformers' MTP reference
+def hf_mtp_state(mtp: MTP) -> dict[str, torch.Tensor]:
+    """Our MTP modules' weights under transformers' MtpModel names (layers.{k}.mtp_block...)."""
+    from dsv3_lab.hf import _LAYER
+
+    sd = {}
+    for k, module in enumerate(mtp.layers):
+        for name, tensor in module.state_dict().items():
+            top, _, rest = name.partition(".")
+            if top in ("enorm", "hnorm", "eh_proj"):
+                sd[f"layers.{k}.{name}"] = tensor
+            elif top == "norm":
+                sd[f"layers.{k}.post_norm.{rest}"] = tensor
+            elif not rest.startswith("ffn.experts."):
+                module_name, leaf = rest.rsplit(".", 1)
+                leaf = "e_score_correction_bias" if rest == "ffn.gate.bias" else leaf
+                sd[f"layers.{k}.mtp_block.{_LAYER[module_name]}.{leaf}"] = tensor
+        experts = module.block.ffn.experts
+        sd[f"layers.{k}.mtp_block.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([e.w1.weight, e.w3.weight]) for e in experts])  # [E, 2I, dim]
+        sd[f"layers.{k}.mtp_block.mlp.experts.down_proj"] = torch.stack(
+            [e.w2.weight for e in experts])  # [E, dim, I]
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("overrides", [{}, dict(norm_eps=1e-5, n_expert_groups=1,
+                                                n_limited_groups=1)])
+def test_mtp_logits_equal_transformers_mtp_model(overrides):
+    """transformers.modeling_layers.MtpModel (transformers >= 5.23) on the same weights: the
+    logits of the MTP head equal ours at every position (depth 1)."""
+    from transformers.modeling_layers import MtpModel
+
+    from dsv3_lab.hf import to_hf
+
+    model, mtp = make(depth=1, dtype=torch.float32, **overrides)
+    with torch.no_grad():
+        for p in mtp.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)  # norms away from 1: a missed norm shows
+        for moe in [m.block.ffn for m in mtp.layers] + model.moe_layers():
+            moe.gate.bias.normal_(0, 0.3)
+    hf = to_hf(model)
+    ref = MtpModel(hf, 1).eval()
+    ref.config._attn_implementation = "eager"
+    ref.config._experts_implementation = "eager"
+    missing, unexpected = ref.load_state_dict(hf_mtp_state(mtp), strict=False)
+    assert not unexpected and all(k.startswith(("embed_tokens", "shared_head")) or
+                                  "rotary" in k for k in missing), missing
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        hidden = model.hidden(tokens[:, :-1])  # h^0 [B, 19, dim]
+        ours = mtp(tokens, hidden)[0]  # [B, 18, vocab]: row i predicts t_{i+2}
+        h_hf = hf.model(tokens[:, :-1]).last_hidden_state  # after the final norm
+        assert (h_hf - hidden).abs().max() < 1e-5
+        length = ours.shape[1]
+        pos = torch.arange(length)[None]
+        h1 = ref.forward_layer(0, h_hf[:, :length], pos, None, input_ids=tokens[:, 1:1 + length])
+        theirs = ref._project_to_logits(h1)
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_speculative_tokens_equal_transformers_mtp_generation(tmp_path):
+    """transformers' generate(use_mtp=True) loads the MTP layer from the checkpoint (DeepSeek's
+    layout: model.layers.{n_layers}.*, shared_head.norm) and decodes: same tokens as ours."""
+    from safetensors.torch import load_file, save_file
+    from transformers import DeepseekV3ForCausalLM
+
+    from dsv3_lab.hf import to_hf
+
+    model, mtp = make(depth=1, dtype=torch.float32)
+    n = model.args.n_layers
+    to_hf(model).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    for key, value in hf_mtp_state(mtp).items():  # MtpModel names -> checkpoint names
+        key = key.replace("layers.0.mtp_block.", f"model.layers.{n}.")
+        key = key.replace("layers.0.post_norm.", f"model.layers.{n}.shared_head.norm.")
+        state[key.replace("layers.0.", f"model.layers.{n}.")] = value.contiguous()
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                               experts_implementation="eager").eval()
+    # transformers finds the MTP weights by this pattern, hard-wired to the 671B's layer 61
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{n}.*"]
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, use_mtp=True)
+    ours, stats = speculative_generate(model, mtp, prompt, 12)
+    assert stats.proposed[0] > 0
+    assert ours.tolist() == theirs.tolist() == generate(model, prompt, 12).tolist()
+
+
+# ----------------------------------------------------------------------------- parallel baseline
+def test_parallel_heads_have_mtp_shapes_and_ignore_the_tokens_ahead():
+    from dsv3_lab.mtp import ParallelMTP
+
+    model, seq = make(depth=2)
+    par = ParallelMTP(model, depth=2)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model.hidden(tokens[:, :-1])  # [2, 11, dim]
+        ours, theirs = par(tokens, hidden), seq(tokens, hidden)
+        assert [t.shape for t in ours] == [t.shape for t in theirs]
+        other = tokens.clone()
+        other[:, 1:] = (other[:, 1:] + 7) % 256  # change every token after the first
+        # the sequential modules read t_{i+k}, the parallel heads only h^0
+        assert all(torch.equal(a, b) for a, b in zip(ours, par(other, hidden), strict=True))
+        assert not torch.equal(theirs[0], seq(other, hidden)[0])
+    loss, metrics = mtp_loss(par, tokens, lam=0.3)
+    loss.backward()
+    assert {"main_loss", "mtp1_loss", "mtp2_acc"} <= set(metrics)
+    assert model.head.weight.grad is not None
+    assert par.layers[1].block.attn.wo.weight.grad is not None
+    # the same parameters as an MTP module, minus enorm and the 2d -> d projection
+    dim = model.args.dim
+    n_par = sum(p.numel() for p in par.layers[0].parameters())
+    n_seq = sum(p.numel() for p in seq.layers[0].parameters())
+    assert n_seq - n_par == dim + 2 * dim * dim
+    assert sum(p is model.head.weight for p in par.parameters()) == 1  # shared, counted once
+
+
+def test_parallel_errors():
+    from dsv3_lab.mtp import ParallelMTP
+
+    model, _ = make(depth=1)
+    with pytest.raises(TypeError, match="Transformer"):
+        ParallelMTP(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="depth"):
+        ParallelMTP(model, depth=-1)
+    with pytest.raises(ValueError, match="too short"):
+        ParallelMTP(model, depth=2)(torch.zeros(1, 3, dtype=torch.long),
+                                    model.hidden(torch.zeros(1, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="h0"):
+        ParallelMTP(model).layers[0](torch.zeros(1, 3, 5))
