@@ -10,6 +10,8 @@ figures its authors published beside it. Counting conventions:
     activated  the weights one token passes through: embedding row lookups are counted as the
                whole embedding matrix, as the published figures do, plus n_activated_experts of
                the routed experts per MoE layer
+    activated, embedding as a lookup: the same without the embedding matrix (a token reads
+               one row of it), the head still counted
     non-embedding figures subtract the embedding and the head (each vocab_size · dim)
 """
 
@@ -63,7 +65,8 @@ def family_table() -> list[dict]:
         rows.append(dict(
             name=p.name, config=p.config, score_func=args.score_func, gate_bias=args.gate_bias,
             total=c["total"], active=c["active"], total_non_embedding=c["total"] - vocab,
-            active_non_embedding=c["active"] - vocab, embedding=c["embedding"], head=c["head"],
+            active_lookup=c["active"] - c["embedding"], active_non_embedding=c["active"] - vocab,
+            embedding=c["embedding"], head=c["head"],
             published_total=p.total, published_active=p.activated, source=p.source,
         ))
     return rows

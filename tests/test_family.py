@@ -84,4 +84,5 @@ def test_family_table_beside_the_published_figures():
         vocab = r["embedding"] + r["head"]
         assert r["total_non_embedding"] == r["total"] - vocab
         assert r["active_non_embedding"] == r["active"] - vocab
+        assert r["active_lookup"] == r["active"] - r["embedding"]
         assert r["source"]
