@@ -71,7 +71,8 @@ HF_FIELDS = {
     "max_position_embeddings": "max_seq_len (unless max_seq_len is given)",
     "num_mtp_layers": "n_mtp_layers (V3; V2: 0)",
     "quantization_config": "quant_method 'fp8' -> dtype 'fp8', scale_fmt; others refused",
-    "model_type": "selects the V2 or V3 semantics",
+    "model_type": "not read: the config's class (DeepseekV3Config / DeepseekV2Config) selects "
+                  "the semantics (Kimi K2 says 'kimi_k2' and loads as DeepseekV3Config)",
 }
 
 #: Config fields that do not change the architecture's outputs, and why they are ignored.
@@ -171,12 +172,13 @@ def from_hf_config(config, max_batch_size: int = 8, max_seq_len: int | None = No
 
     Caches are sized max_batch_size × max_seq_len (default: max_position_embeddings).
     """
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ("deepseek_v3", "deepseek_v2"):
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    # the class decides: Kimi K2's config.json says model_type "kimi_k2" but loads as V3
+    if not isinstance(config, (DeepseekV3Config, DeepseekV2Config)):
         raise TypeError(f"from_hf_config: expected a transformers DeepseekV3Config or "
-                        f"DeepseekV2Config, got {type(config).__name__} with model_type="
-                        f"{model_type!r}")
-    v3 = model_type == "deepseek_v3"
+                        f"DeepseekV2Config, got {type(config).__name__}")
+    v3 = isinstance(config, DeepseekV3Config)
     _require(config, "num_key_value_heads", lambda v: v in (None, config.num_attention_heads),
              f"num_attention_heads={config.num_attention_heads}")
     _require(config, "hidden_act", lambda v: v == "silu", "'silu'")

@@ -186,3 +186,26 @@ def test_bad_objects_and_unsupported_routers_are_refused():
         to_hf_config(ModelArgs.tiny(score_func="softmax"))
     with pytest.raises(TypeError, match="to_hf: expected a dsv3_lab Transformer"):
         to_hf(torch.nn.Linear(2, 2))
+
+
+def test_a_config_json_in_the_published_layout_loads():
+    """The layout of Moonlight / Kimi K2 config.json files (tiny values, not theirs): legacy
+    rope_scaling with "type", rope_theta at the top level, model_type "kimi_k2", the extra
+    scoring_func / topk_method keys, float betas."""
+    config = DeepseekV3Config.from_dict(dict(
+        model_type="kimi_k2", vocab_size=100, hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=2048,
+        rope_theta=50000.0, rope_scaling=dict(type="yarn", factor=32.0, beta_fast=1.0,
+                                              beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                              original_max_position_embeddings=64),
+        rms_norm_eps=1e-5, scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+        routed_scaling_factor=2.827, num_nextn_predict_layers=0, tie_word_embeddings=False))
+    args = from_hf_config(config)
+    assert (args.rope_theta, args.rope_factor, args.beta_fast, args.beta_slow) == (
+        50000.0, 32.0, 1.0, 1.0)
+    assert (args.original_seq_len, args.max_seq_len, args.norm_eps) == (64, 2048, 1e-5)
+    assert (args.n_expert_groups, args.n_mtp_layers, args.route_scale) == (1, 0, 2.827)
+    assert args.yarn_enabled and args.gate_bias
