@@ -8,6 +8,10 @@ step, with c_i the number of tokens routed to expert i over the whole batch and 
 
 b is a float32 buffer: it is not a Parameter, so no gradient reaches it and the optimizer never
 sees it; the gate weights never see it either (the mixing weights g use the unbiased s).
+The update comes *after* the step, from loads already seen: LF §3 adjusts the bias from the
+previous batches only, because using the load of the current sequence to route it would break
+the causal constraint of language modelling (future tokens would leak into the routing).
+V3 uses γ = 0.001, and γ = 0 for its last 500B tokens (V3 §4.2).
 
 Complementary sequence-wise balance loss (V3 Eq. 17-20), for one sequence of T tokens, N_r
 routed experts of which K_r are chosen per token:
@@ -19,8 +23,13 @@ routed experts of which K_r are chosen per token:
 
 f carries no gradient (it counts); the gradient reaches the gate through P. With perfect balance
 f_i = 1 and P_i = 1/N_r, so Σ_i f_i P_i = 1. Here the loss is averaged over the sequences of a
-batch. The classic expert-level auxiliary loss (V2 Eq. 23-25, softmax scores, for which the
-normalisation of Eq. 19 changes nothing) is the same formula with T = all tokens of the batch.
+batch. DeepSeek-V2's "expert-level balance loss" (V2 §2.2.3, Eq. 23-25; α_1 = 0.003, V2 §3.1.2)
+is this same per-sequence loss ("T denotes the number of tokens in a sequence") with softmax
+scores, for which the normalisation of Eq. 19 changes nothing; LF Eq. 2 too is per sequence.
+
+Batch-wise auxiliary loss (V3 §4.5.3, the report's control experiment): the same formula with
+T = all tokens of the batch, so only the batch is balanced, not each sequence, as the bias rule
+does. `batch_balance_loss`, kind="batch" ("expert" is kept as an alias, the name used before).
 A model-level loss sums the per-layer losses of every MoE layer.
 
 Metric (LF §4.1): MaxVio = (max_i c_i − c̄) / c̄, over one training batch (MaxVio_batch) or a
@@ -163,8 +172,7 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor,
     """α Σ_i f_i P_i (Eq. 17-20) per sequence, averaged over sequences: a scalar.
 
     scores [B, S, E] are the unbiased affinities s (with gradient), indices [B, S, K] the chosen
-    experts. For the whole-batch (expert-level, V2) loss pass [1, B·S, ...] or use
-    `expert_balance_loss`.
+    experts. For the batch-wise loss (V3 §4.5.3) pass [1, B·S, ...] or use `batch_balance_loss`.
     """
     if scores.dim() != 3 or indices.dim() != 3 or scores.shape[:2] != indices.shape[:2]:
         raise ValueError(f"sequence_balance_loss: expected scores [B, S, E] and indices "
@@ -178,9 +186,9 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor,
     return alpha * (f * p).sum(dim=-1).mean()  # scalar
 
 
-def expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor,
-                        alpha: float = 1.0) -> torch.Tensor:
-    """The classic expert-level auxiliary loss (V2 Eq. 23-25) over all N tokens of a batch.
+def batch_balance_loss(scores: torch.Tensor, indices: torch.Tensor,
+                       alpha: float = 1.0) -> torch.Tensor:
+    """The batch-wise auxiliary loss (V3 §4.5.3): Eq. 17-20 with T = all N tokens of a batch.
 
     scores [N, E], indices [N, K] (or [B, S, ...], flattened): f and P over the whole batch.
     """
@@ -189,21 +197,38 @@ def expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor,
     return sequence_balance_loss(scores, indices, alpha)
 
 
+#: The former name of `batch_balance_loss` (it is not V2's expert-level loss, which is per
+#: sequence); kept so existing code keeps working.
+expert_balance_loss = batch_balance_loss
+
+KINDS = ("sequence", "batch")
+_ALIASES = {"expert": "batch"}
+
+
+def _check_kind(kind: str, where: str) -> str:
+    """The canonical balance-loss scope for `kind` ('expert' means 'batch'), or a ValueError."""
+    kind = _ALIASES.get(kind, kind)
+    if kind not in KINDS:
+        raise ValueError(f"{where}: kind must be 'sequence' (V3 Eq. 17-20) or 'batch' "
+                         f"(V3 §4.5.3; alias 'expert'), got {kind!r}")
+    return kind
+
+
 def model_balance_loss(model: nn.Module, batch_size: int, kind: str = "sequence",
                        alpha: float = 1.0) -> torch.Tensor:
     """Σ over MoE layers of the balance loss of the latest forward (tokens in batch-major order).
 
-    kind "sequence" (V3 Eq. 17-20, per sequence of the batch) or "expert" (V2, whole batch).
+    kind "sequence" (V3 Eq. 17-20, per sequence of the batch) or "batch" (V3 §4.5.3, the whole
+    batch; "expert" is an alias).
     """
-    if kind not in ("sequence", "expert"):
-        raise ValueError(f"model_balance_loss: kind must be 'sequence' or 'expert', got {kind!r}")
+    kind = _check_kind(kind, "model_balance_loss")
     total = 0.0
     for moe in _moe_layers(model):
         scores, indices = moe.gate.last_scores, moe.gate.last_indices  # [N, E], [N, K]
         if scores is None:
             raise ValueError("model_balance_loss: run a forward pass first")
-        if kind == "expert":
-            total = total + expert_balance_loss(scores, indices, alpha)
+        if kind == "batch":
+            total = total + batch_balance_loss(scores, indices, alpha)
         else:
             n = scores.shape[0]
             if n % batch_size:
@@ -218,6 +243,9 @@ def model_balance_loss(model: nn.Module, batch_size: int, kind: str = "sequence"
 class BalancedLoss:
     """`loss_fn` for dsv3_lab.train.train: next-token cross-entropy + α · balance loss.
 
+    kind "sequence" balances every sequence (V3 Eq. 17-20), "batch" only the whole batch
+    (V3 §4.5.3's batch-wise auxiliary loss).
+
     Returns (loss, {"lm_loss": ..., "balance_loss": ...}); "balance_loss" is the unscaled
     Σ_layers Σ_i f_i P_i (L per layer at perfect balance), so runs with different α compare.
     """
@@ -225,9 +253,7 @@ class BalancedLoss:
     def __init__(self, alpha: float, kind: str = "sequence"):
         if alpha < 0:
             raise ValueError(f"BalancedLoss: alpha must be >= 0, got {alpha}")
-        if kind not in ("sequence", "expert"):
-            raise ValueError(f"BalancedLoss: kind must be 'sequence' or 'expert', got {kind!r}")
-        self.alpha, self.kind = alpha, kind
+        self.alpha, self.kind = alpha, _check_kind(kind, "BalancedLoss")
 
     def __call__(self, model: nn.Module, batch: torch.Tensor):
         inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, S], [B, S]

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from dsv3_lab.balance import (
     BalancedLoss,
     BalanceHook,
+    batch_balance_loss,
     collect_load,
     expert_balance_loss,
     layer_loads,
@@ -193,7 +194,7 @@ def test_sequence_loss_matches_direct_computation(n_seq, seq_len, n_experts, see
     got = sequence_balance_loss(scores, indices, alpha=0.3)
     assert float(got) == pytest.approx(float(direct_sequence_loss(scores, indices, 0.3)),
                                        rel=1e-9)
-    flat = expert_balance_loss(scores.flatten(0, 1), indices.flatten(0, 1), alpha=0.3)
+    flat = batch_balance_loss(scores.flatten(0, 1), indices.flatten(0, 1), alpha=0.3)
     whole = direct_sequence_loss(scores.reshape(1, -1, n_experts),
                                  indices.reshape(1, -1, k), 0.3)
     assert float(flat) == pytest.approx(float(whole), rel=1e-9)
@@ -227,8 +228,8 @@ def test_model_loss_splits_sequences_batch_major(corpus):
             model(row[None, :-1])
             per_seq.append(model_balance_loss(model, 1))
         assert float(manual) == pytest.approx(float(sum(per_seq) / 3), rel=1e-5)
-        expert = model_balance_loss(model, 1, kind="expert")
-        assert float(expert) == pytest.approx(float(per_seq[-1]))  # one sequence: same scope
+        batch_wise = model_balance_loss(model, 1, kind="batch")
+        assert float(batch_wise) == pytest.approx(float(per_seq[-1]))  # one sequence: same scope
         with pytest.raises(ValueError, match="kind"):
             model_balance_loss(model, 1, kind="device")
         with pytest.raises(ValueError, match="sequences"):
@@ -246,3 +247,31 @@ def test_balanced_loss_adds_alpha_times_balance(corpus):
     assert 0.5 * n_moe < metrics["balance_loss"] < 4 * n_moe  # ~1 per layer near balance
     with pytest.raises(ValueError, match="alpha"):
         BalancedLoss(alpha=-1.0)
+
+
+def test_batch_wise_loss_balances_the_batch_not_each_sequence():
+    """V3 §4.5.3: the batch-wise loss sees only the batch's total load; "expert" is its alias."""
+    assert expert_balance_loss is batch_balance_loss
+    scores = torch.full((2, 4, 4), 0.5, dtype=torch.float64)  # equal affinities: P_i = 1/4
+    # sequence 0 uses only experts 0, 1; sequence 1 only 2, 3: each sequence is skewed, the batch
+    # is balanced
+    indices = torch.tensor([[[0, 1]] * 4, [[2, 3]] * 4])  # [2, 4, 2]
+    assert float(batch_balance_loss(scores, indices)) == pytest.approx(1.0)  # balanced batch
+    assert float(sequence_balance_loss(scores, indices)) == pytest.approx(1.0)  # P flat: also 1
+    scores[0, :, :2], scores[1, :, 2:] = 0.9, 0.9  # each sequence also prefers its experts
+    per_seq = float(sequence_balance_loss(scores, indices))
+    whole = float(batch_balance_loss(scores, indices))
+    assert whole == pytest.approx(1.0) and per_seq > 1.2  # only the sequence-wise loss objects
+
+
+def test_model_loss_kinds_and_alias(corpus):
+    with torch.no_grad():
+        model = tiny_model()
+        batch = corpus.batch("train", 4, 16, torch.Generator().manual_seed(3))
+        model(batch[:, :-1])
+        batch_wise = float(model_balance_loss(model, 4, kind="batch"))
+        assert float(model_balance_loss(model, 4, kind="expert")) == batch_wise
+        assert batch_wise != pytest.approx(float(model_balance_loss(model, 4, kind="sequence")))
+    assert BalancedLoss(0.1, kind="expert").kind == "batch"
+    with pytest.raises(ValueError, match="'sequence'.*'batch'"):
+        BalancedLoss(0.1, kind="device")
