@@ -22,25 +22,32 @@ def _color(kind: str, d: int) -> str:
 
 
 def gantt(ax, timelines: list[list[tuple[float, float, Op]]], title: str = "",
-          labels: bool = True, unit: str = "time") -> None:
-    """Draw per-rank timelines [(start, end, op)] on `ax`: rank 0 on top."""
+          labels: bool = True, unit: str = "time", fontsize: float = 9.0,
+          xmax: float | None = None) -> None:
+    """Draw per-rank timelines [(start, end, op)] on `ax`, rank 0 on top, x from 0 to `xmax`
+    (default: the last end). Micro-batch numbers are written into the cells that are wide
+    enough for them at the current figure size."""
     pp = len(timelines)
+    end = xmax or max((e for tl in timelines for _, e, _ in tl), default=1.0)
+    fig = ax.figure
+    inches_per_unit = ax.get_position().width * fig.get_figwidth() / end
     for r, tl in enumerate(timelines):
         y = pp - 1 - r
-        for start, end, op in tl:
+        for start, stop, op in tl:
             n = len(op.tasks)
             for i, t in enumerate(op.tasks):
                 h = 0.8 / n
                 y0 = y - 0.4 + (n - 1 - i) * h
-                ax.add_patch(Rectangle((start, y0), end - start, h, facecolor=_color(t.kind, t.dir),
+                ax.add_patch(Rectangle((start, y0), stop - start, h,
+                                       facecolor=_color(t.kind, t.dir),
                                        edgecolor="white" if n == 1 else "none", linewidth=0.5))
-                if labels and end - start > 0:
-                    ax.text((start + end) / 2, y0 + h / 2, str(t.mb), ha="center", va="center",
-                            fontsize=6 if n == 1 else 5)
+                text = str(t.mb)
+                if labels and (stop - start) * inches_per_unit >= 0.08 * len(text) + 0.04:
+                    ax.text((start + stop) / 2, y0 + h / 2, text, ha="center", va="center",
+                            fontsize=fontsize, clip_on=True)
             if n == 2:
-                ax.add_patch(Rectangle((start, y - 0.4), end - start, 0.8, facecolor="none",
+                ax.add_patch(Rectangle((start, y - 0.4), stop - start, 0.8, facecolor="none",
                                        edgecolor="black", linewidth=1.0))
-    end = max((e for tl in timelines for _, e, _ in tl), default=1.0)
     ax.set_xlim(0, end)
     ax.set_ylim(-0.6, pp - 0.4)
     ax.set_yticks(range(pp), [f"rank {r}" for r in reversed(range(pp))])

@@ -131,3 +131,8 @@ def test_executor_bit_equal_to_sequential(pp, n):
         # every op of the schedule ran, in order, exactly once
         sched = make_schedule(name, pp, n)
         assert [[op for op, _, _ in r["log"]] for r in ranks] == sched
+
+
+def test_executor_timeout_raises_instead_of_hanging():
+    with pytest.raises(TimeoutError, match="still running"):
+        run_schedules(2, [("1f1b", 4)], timeout=0.3)  # too short even to start the processes
