@@ -25,6 +25,8 @@ FP8 training (`FP8Linear`): all three GEMMs of a linear take E4M3 inputs, output
     Wgrad  dW = dyᵀ x    dy and the cached FP8 x re-quantised in 128×1 tiles (along tokens)
 Dimensions that are not a multiple of the block are zero-padded, which changes no product.
 Gradient tiles take the floor GRAD_AMAX_MIN instead of 1e-4: gradients are often smaller.
+Controls for experiments (FP8Linear scaling=): "tensor", one E4M3 scale per tensor (the
+recipe V3's tiles replace); "e5m2", V3's tiles and blocks with E5M2 values (2 mantissa bits).
 Embedding, output head, MoE gate, norms and the attention core stay in full precision.
 """
 
@@ -242,6 +244,23 @@ def quant_dequant(x: torch.Tensor, block_size: int = BLOCK_SIZE, dim: int = -1,
     return y.flatten(d, d + 1).narrow(d, 0, n)
 
 
+def quant_dequant_groups(x: torch.Tensor, rows: int | None, cols: int | None, fmt=E4M3,
+                         amax_min: float = AMAX_MIN) -> torch.Tensor:
+    """2-D x [M, K] rounded through `fmt` with one float32 scale s = max(amax, floor) / max(fmt)
+    per rows × cols group (None: the whole dimension, so (None, None) is one scale per tensor).
+    For the deliberately worse recipes of FP8Linear (per-tensor scaling, E5M2 everywhere)."""
+    work = _work(x)
+    if x.numel() == 0:
+        return x.to(work)
+    m, k = x.shape
+    r, c = rows or m, cols or k
+    g = _pad(_pad(x.to(work), r, 0), c, 1).unflatten(1, (-1, c)).unflatten(0, (-1, r))
+    amax = g.abs().amax(dim=(1, 3), keepdim=True).float()  # [M/r, 1, K/c, 1]
+    s = amax.clamp_min(amax_min) / torch.finfo(fmt).max
+    y = (g / s).to(fmt).to(work) * s  # [M/r, r, K/c, c]
+    return y.flatten(2).flatten(0, 1)[:m, :k]
+
+
 def _work(x: torch.Tensor) -> torch.dtype:
     """The simulation's working precision: float64 for a float64 tensor, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -256,12 +275,24 @@ class _FP8LinearFunction(torch.autograd.Function):
     E4M3's, and the result does not depend on the CPU's float32 kernels (portable outputs).
     Gradient tiles use the floor GRAD_AMAX_MIN instead of the
     inference kernel's 1e-4, which would coarsen the many gradient tiles smaller than 1e-4.
+    Controls (deliberately worse recipes): scaling="tensor" gives x, W and dy one E4M3 scale
+    per tensor; scaling="e5m2" keeps V3's tiles and blocks but rounds to E5M2 (2 mantissa bits).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, block_size):
+    def forward(ctx, x, weight, block_size, scaling="tile"):
         k = weight.shape[1]
         work = _work(x)
+        ctx.scaling = scaling
+        if scaling != "tile":  # the controls: per-tensor E4M3, or V3's groups in E5M2
+            b = None if scaling == "tensor" else block_size
+            fmt = E5M2 if scaling == "e5m2" else E4M3
+            xd = quant_dequant_groups(x.reshape(-1, k).to(work), 1 if b else None, b, fmt)
+            wd = quant_dequant_groups(weight.detach().to(work), b, b, fmt)  # [N, K]
+            ctx.save_for_backward(xd, wd)
+            ctx.group, ctx.fmt = b, fmt
+            ctx.block_size, ctx.x_shape = block_size, x.shape
+            return (xd @ wd.T).reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
         x2 = _pad(x.reshape(-1, k).to(work), block_size, 1)  # [M, Kp]
         xq, xs = act_quant(x2, block_size)  # 1×128 tiles along K; cached for Wgrad in FP8
         wq, ws = weight_quant(weight.detach(), block_size)  # 128×128 blocks [N, K]
@@ -273,11 +304,21 @@ class _FP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        xq, xs, wq, ws = ctx.saved_tensors
         b, k = ctx.block_size, ctx.x_shape[-1]
         work = _work(dy)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(work)  # [M, N]
         dx = dw = None
+        if ctx.scaling != "tile":
+            xd, wd = ctx.saved_tensors
+            g, fmt, lo = ctx.group, ctx.fmt, GRAD_AMAX_MIN
+            if ctx.needs_input_grad[0]:  # dy in 1×b tiles along N (or per tensor)
+                dy_q = quant_dequant_groups(dy2, 1 if g else None, g, fmt, lo)
+                dx = (dy_q @ wd.to(work)).reshape(ctx.x_shape).to(dy.dtype)  # [M, K]
+            if ctx.needs_input_grad[1]:  # dy and x in b×1 tiles along tokens (or per tensor)
+                dy_t = quant_dequant_groups(dy2, g, 1 if g else None, fmt, lo)
+                dw = dy_t.T @ quant_dequant_groups(xd, g, 1 if g else None, fmt)  # [N, K]
+            return dx, dw, None, None
+        xq, xs, wq, ws = ctx.saved_tensors
         if ctx.needs_input_grad[0]:  # Dgrad: dx = dy W, reduction over N
             w = weight_dequant(wq, ws, b).to(work)  # the same 128×128 blocks, used transposed
             g = quant_dequant(dy2, b, amax_min=GRAD_AMAX_MIN)  # 1×128 tiles along N
@@ -287,23 +328,33 @@ class _FP8LinearFunction(torch.autograd.Function):
             g_t = quant_dequant(dy2, b, 0, GRAD_AMAX_MIN)  # 128×1 tiles (along tokens) [M, N]
             x_t = quant_dequant(x_cached, b, dim=0)  # re-quantised in 128×1 tiles [M, K]
             dw = g_t.T @ x_t  # [N, K]
-        return dx, dw, None
+        return dx, dw, None, None
+
+
+SCALINGS = ("tile", "tensor", "e5m2")  # V3's recipe; per-tensor E4M3; V3's groups in E5M2
 
 
 class FP8Linear(nn.Linear):
-    """Drop-in nn.Linear training with FP8 GEMM inputs; master weight and outputs float32."""
+    """Drop-in nn.Linear training with FP8 GEMM inputs; master weight and outputs float32.
+
+    scaling="tile" is V3's recipe; "tensor" (one scale per tensor) and "e5m2" (V3's groups,
+    E5M2 values) are deliberately worse ones, controls for an experiment's sensitivity.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 block_size: int = BLOCK_SIZE, device=None, dtype=None):
+                 block_size: int = BLOCK_SIZE, device=None, dtype=None, scaling: str = "tile"):
         _check_block(block_size, "FP8Linear")
+        if scaling not in SCALINGS:
+            raise ValueError(f"FP8Linear: scaling must be one of {SCALINGS}, got {scaling!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.block_size = block_size
+        self.block_size, self.scaling = block_size, scaling
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = BLOCK_SIZE) -> FP8Linear:
+    def from_linear(cls, linear: nn.Linear, block_size: int = BLOCK_SIZE,
+                    scaling: str = "tile") -> FP8Linear:
         """An FP8Linear sharing `linear`'s Parameters (optimisers keep working)."""
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  block_size=block_size, device="meta")
+                  block_size=block_size, device="meta", scaling=scaling)
         new.weight = linear.weight
         if linear.bias is not None:
             new.bias = linear.bias
@@ -313,11 +364,12 @@ class FP8Linear(nn.Linear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear: expected input [..., {self.in_features}], "
                              f"got {tuple(x.shape)}")
-        y = _FP8LinearFunction.apply(x, self.weight, self.block_size)  # [..., out]
+        y = _FP8LinearFunction.apply(x, self.weight, self.block_size, self.scaling)  # [.., out]
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", block_size={self.block_size}"
+        extra = "" if self.scaling == "tile" else f", scaling={self.scaling!r}"
+        return super().extra_repr() + f", block_size={self.block_size}" + extra
 
 
 FULL_PRECISION = ("head", "gate")  # module names V3 keeps out of FP8 (embedding is no Linear)
@@ -328,15 +380,16 @@ def _skipped(name: str, skip) -> bool:
 
 
 def convert_to_fp8(model: nn.Module, block_size: int = BLOCK_SIZE,
-                   skip=FULL_PRECISION) -> list[str]:
+                   skip=FULL_PRECISION, scaling: str = "tile") -> list[str]:
     """Replace every nn.Linear of `model` in place by an FP8Linear, except modules named in
-    `skip` (and anything under them). Returns the converted module names."""
+    `skip` (and anything under them). Returns the converted module names. `scaling` picks the
+    recipe: "tile" (V3), or the controls "tensor" and "e5m2" (see FP8Linear)."""
     converted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and not _skipped(full, skip):
-                setattr(module, child_name, FP8Linear.from_linear(child, block_size))
+                setattr(module, child_name, FP8Linear.from_linear(child, block_size, scaling))
                 converted.append(full)
     return converted
 

@@ -151,6 +151,67 @@ def mtp_loss(mtp: MTP, batch: torch.Tensor, lam: float = 0.3) -> tuple[torch.Ten
     return total, metrics
 
 
+# ----------------------------------------------------------------------------- parallel baseline
+class ParallelHead(nn.Module):
+    """One head of Gloeckle et al. (arXiv 2404.19737): a Block on the trunk's h^0 alone.
+
+    Head k predicts t_{i+k+1} from h_i^0 without being told t_{i+1..i+k}: hnorm, one Block,
+    norm and the main model's output head (shared by reference, as in MTPModule). It has the
+    MTP module's parameters minus enorm and eh_proj.
+    """
+
+    def __init__(self, model: Transformer, layer_id: int):
+        super().__init__()
+        args = model.args
+        self.dim = args.dim
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.block = Block(layer_id, args)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self._shared = (model.head,)  # not registered: the head appears once, under `main`
+        self.freqs_cis = model.freqs_cis
+
+    def forward(self, h0: torch.Tensor) -> torch.Tensor:
+        """h^0 [B, L, dim] at positions 0.. -> logits [B, L, vocab] (row i predicts t_{i+k+1})."""
+        if h0.dim() != 3 or h0.shape[-1] != self.dim:
+            raise ValueError(f"ParallelHead: expected h0 [batch, seq, dim={self.dim}], "
+                             f"got {tuple(h0.shape)}")
+        seqlen = h0.shape[1]
+        freqs_cis = positions(self.freqs_cis, 0, seqlen).to(h0.device)  # [L, d/2]
+        h = self.block(self.hnorm(h0), 0, freqs_cis, causal_mask(seqlen, 0, h0.device))
+        return self._shared[0](self.norm(h))  # [B, L, vocab]
+
+
+class ParallelMTP(nn.Module):
+    """Gloeckle-style baseline with MTP's interface (`main`, `depth`, `layers`, forward), so
+    `mtp_loss` trains it unchanged: D independent heads, all reading h^0 (no causal chain)."""
+
+    def __init__(self, model: Transformer, depth: int = 1):
+        super().__init__()
+        if not isinstance(model, Transformer):
+            raise TypeError(f"ParallelMTP: expected a dsv3_lab Transformer, got "
+                            f"{type(model).__name__}")
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"ParallelMTP: depth must be an int >= 0, got {depth!r}")
+        self.main, self.depth = model, depth
+        n = model.args.n_layers
+        self.layers = nn.ModuleList(ParallelHead(model, n + k) for k in range(depth))
+
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Logits per depth, shaped as MTP.forward's: depth k [B, L_k, vocab] -> t_{i+k+1}."""
+        if tokens.dim() != 2 or hidden.dim() != 3 or hidden.shape[:1] != tokens.shape[:1]:
+            raise ValueError(f"ParallelMTP: expected tokens [B, T] and hidden [B, S, dim], got "
+                             f"{tuple(tokens.shape)} and {tuple(hidden.shape)}")
+        h = hidden[:, : tokens.shape[1] - 1]  # [B, S', dim]
+        out = []
+        for k, head in enumerate(self.layers, start=1):
+            length = h.shape[1] - k  # rows whose target t_{i+k+1} is inside the window
+            if length < 1:
+                raise ValueError(f"ParallelMTP: a window of {tokens.shape[1]} tokens is too "
+                                 f"short for depth {k} (need at least {k + 2})")
+            out.append(head(h[:, :length]))  # [B, L_k, vocab], from h^0 only
+        return out
+
+
 # ----------------------------------------------------------------------------- speculative decoding
 @dataclass
 class SpecStats:

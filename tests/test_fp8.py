@@ -294,3 +294,57 @@ def test_errors():
         round_mantissa(torch.ones(2), 3, "up")
     with pytest.raises(ValueError, match="a \\[M, K\\]"):
         limited_accum_matmul(torch.ones(2, 3), torch.ones(2, 4))
+
+
+def test_per_tensor_control_uses_one_scale_and_loses_the_small_rows():
+    from dsv3_lab.fp8 import quant_dequant, quant_dequant_groups
+
+    torch.manual_seed(2)
+    x = torch.randn(64, 96, dtype=torch.float64)
+    x[3] *= 1e5  # one token-correlated outlier row
+    q = quant_dequant_groups(x, None, None)
+    s = x.abs().max().float() / 448  # the one scale (float32, as in the kernels)
+    assert torch.equal(q, ((x / s).to(torch.float8_e4m3fn).double() * s))
+    rows = torch.arange(64) != 3
+    tile_err = (quant_dequant(x, 32)[rows] - x[rows]).norm() / x[rows].norm()
+    tensor_err = (q[rows] - x[rows]).norm() / x[rows].norm()
+    assert tile_err < 0.05 < 0.3 < tensor_err  # per tensor: the ordinary rows underflow
+    # groups of 1×32 are quant_dequant's tiles; 32×1 its tiles along dim 0
+    assert torch.equal(quant_dequant_groups(x, 1, 32), quant_dequant(x, 32))
+    assert torch.equal(quant_dequant_groups(x, 32, 1), quant_dequant(x, 32, dim=0))
+    e5 = quant_dequant_groups(x, 1, 32, E5M2)  # V3's tiles, E5M2 values: coarser
+    e5_err = (e5[rows] - x[rows]).norm() / x[rows].norm()
+    assert 1.5 * tile_err < e5_err < 0.1
+
+
+def test_fp8_linear_per_tensor_and_e5m2_controls():
+    from dsv3_lab.fp8 import quant_dequant_groups
+    from dsv3_lab.model import Transformer
+
+    torch.manual_seed(3)
+    w = torch.randn(40, 64, dtype=torch.float64) * 0.1
+    for scaling, group, fmt in (("tensor", None, E4M3), ("e5m2", 32, E5M2)):
+        lin = nn.Linear(64, 40, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        layer = FP8Linear.from_linear(lin, block_size=32, scaling=scaling)
+        assert f"scaling='{scaling}'" in repr(layer)
+        x = torch.randn(3, 7, 64, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        row = 1 if group else None
+        xd = quant_dequant_groups(x.detach().reshape(-1, 64), row, group, fmt)
+        wd = quant_dequant_groups(w, group, group, fmt)
+        assert torch.equal(y.detach().reshape(-1, 40), xd @ wd.T)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        dy2 = dy.reshape(-1, 40)
+        g = quant_dequant_groups(dy2, row, group, fmt, 1e-12)
+        torch.testing.assert_close(x.grad.reshape(-1, 64), g @ wd)
+        g_t = quant_dequant_groups(dy2, group, row, fmt, 1e-12)
+        torch.testing.assert_close(lin.weight.grad,
+                                   g_t.T @ quant_dequant_groups(xd, group, row, fmt))
+    model = Transformer(ModelArgs.tiny(), attn_impl="naive")
+    names = convert_to_fp8(model, block_size=32, scaling="e5m2")
+    assert names and all(model.get_submodule(n).scaling == "e5m2" for n in names)
+    with pytest.raises(ValueError, match="scaling"):
+        FP8Linear(64, 8, scaling="row")

@@ -279,7 +279,7 @@ def test_parallel_heads_have_mtp_shapes_and_ignore_the_tokens_ahead():
     from dsv3_lab.mtp import ParallelMTP
 
     model, seq = make(depth=2)
-    par = ParallelMTP(model, depth=2)
+    par = ParallelMTP(model, depth=2).to(torch.float64)  # as make() casts the MTP modules
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         hidden = model.hidden(tokens[:, :-1])  # [2, 11, dim]
@@ -312,7 +312,7 @@ def test_parallel_errors():
     with pytest.raises(ValueError, match="depth"):
         ParallelMTP(model, depth=-1)
     with pytest.raises(ValueError, match="too short"):
-        ParallelMTP(model, depth=2)(torch.zeros(1, 3, dtype=torch.long),
+        ParallelMTP(model, depth=2).double()(torch.zeros(1, 3, dtype=torch.long),
                                     model.hidden(torch.zeros(1, 2, dtype=torch.long)))
     with pytest.raises(ValueError, match="h0"):
         ParallelMTP(model).layers[0](torch.zeros(1, 3, 5))
