@@ -66,8 +66,10 @@ def _entry(rank: int, world_size: int, port: int, worker: Callable, args: tuple,
         results.put((rank, False, traceback.format_exc()))
 
 
-def _failures(worker: Callable, failed: dict, results, world_size: int, grace: float = 2.0):
-    """Message with every rank's traceback that arrives within `grace` seconds of the first."""
+def _failures(worker: Callable, failed: dict, results, procs, grace: float = 2.0) -> str:
+    """Every rank's traceback that arrives within `grace` seconds of the first, and the ranks
+    that died without one (exit code)."""
+    world_size = len(procs)
     end = time.monotonic() + grace
     while len(failed) < world_size and time.monotonic() < end:
         try:
@@ -76,8 +78,11 @@ def _failures(worker: Callable, failed: dict, results, world_size: int, grace: f
             continue
         if not ok:
             failed[rank] = payload
+    died = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs)
+            if r not in failed and p.exitcode not in (None, 0)]
     text = "\n".join(f"--- rank {r}:\n{failed[r]}" for r in sorted(failed))
-    return f"launch: {worker.__name__} failed on rank(s) {sorted(failed)}:\n{text}"
+    return (f"launch: {worker.__name__} failed on rank(s) {sorted(failed)}"
+            f"{'; ' + ', '.join(died) if died else ''}:\n{text}")
 
 
 def launch(worker: Callable, world_size: int, *args, timeout: float = 120.0) -> list:
@@ -118,7 +123,7 @@ def launch(worker: Callable, world_size: int, *args, timeout: float = 120.0) -> 
                                        f"reported)") from None
                 continue
             if not ok:  # the others may fail as a consequence: collect them briefly
-                raise RuntimeError(_failures(worker, {rank: payload}, results, world_size))
+                raise RuntimeError(_failures(worker, {rank: payload}, results, procs))
             outputs[rank] = pickle.loads(payload)
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
@@ -136,6 +141,13 @@ def failing_worker(rank: int, world_size: int, bad_rank: int = 1) -> None:
     """Raises on rank `bad_rank`; the others wait in a collective that can never finish."""
     if rank == bad_rank:
         raise ValueError(f"failing_worker: rank {rank} fails on purpose")
+    dist.barrier()
+
+
+def crashing_worker(rank: int, world_size: int, bad_rank: int = 1) -> None:
+    """Rank `bad_rank` dies without a word (os._exit), as a segfault or an OOM kill would."""
+    if rank == bad_rank:
+        os._exit(3)
     dist.barrier()
 
 

@@ -15,6 +15,7 @@ from dsv3_lab.config import ModelArgs
 from dsv3_lab.ep_moe import EPMoE, ep_worker, routed_sum
 from dsv3_lab.moe import MoE
 from dsv3_lab.parallel import (
+    crashing_worker,
     failing_worker,
     hanging_worker,
     launch,
@@ -66,6 +67,11 @@ def test_broken_worker_raises_not_hangs():
     with pytest.raises(RuntimeError, match="fails on purpose"):
         launch(failing_worker, 2, 1, timeout=60)
     assert time.monotonic() - start < 60
+
+
+def test_dying_worker_raises_not_hangs():
+    with pytest.raises(RuntimeError, match="rank 1 (exited with|died with exit) code 3"):
+        launch(crashing_worker, 2, 1, timeout=60)
 
 
 def test_hanging_worker_times_out():
