@@ -40,7 +40,7 @@ from torch import nn
 from dsv3_lab.config import ModelArgs
 from dsv3_lab.fp8 import E4M3, act_dequant, act_quant
 from dsv3_lab.moe import MLP, Expert, Gate, MoE
-from dsv3_lab.parallel import check_topology, node_traffic
+from dsv3_lab.parallel import check_topology, launch, node_traffic
 
 
 def routed_sum(experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
@@ -192,8 +192,6 @@ def run_expert_parallel(moe: MoE, args: ModelArgs, x: torch.Tensor, world_size: 
                         ranks_per_node: int = 1, modes=("float64",), timeout: float = 120.0):
     """Launch ep_worker on W gloo processes: ({mode: y [N, dim]}, {mode: indices [N, K]},
     per-rank stats)."""
-    from dsv3_lab.parallel import launch
-
     case = {"args": args.to_dict(), "state": moe.state_dict(), "x": x,
             "ranks_per_node": ranks_per_node, "modes": tuple(modes)}
     ranks = launch(ep_worker, world_size, [case], timeout=timeout)
