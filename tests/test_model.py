@@ -159,7 +159,7 @@ def test_training_is_deterministic_with_two_threads():
         for _ in range(2):
             torch.manual_seed(0)
             model = Transformer(ModelArgs.tiny())
-            result = train(model, corpus.batches("train", 16, 64, seed=0), 12, progress=False)
+            result = train(model, corpus.batches("train", 8, 32, seed=0), 6, progress=False)
             histories.append(result.losses)
     finally:
         torch.set_num_threads(threads)
