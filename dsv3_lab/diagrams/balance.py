@@ -47,25 +47,32 @@ def draw_update_rule(load: torch.Tensor, gamma: float):
 
 
 def draw_bias_choice(scores: torch.Tensor, bias_before: torch.Tensor, bias_after: torch.Tensor,
-                     k: int):
-    """One token's biased scores s + b before and after an update, its top-k in orange."""
+                     chosen_before, chosen_after):
+    """One token's biased scores s + b before and after an update; the chosen experts in orange.
+
+    `chosen_before` / `chosen_after` are the expert indices the gate chose (with group-limited
+    routing they need not be the plain top-k of s + b). Ticks mark the unbiased s.
+    """
     s = _vector(scores, "draw_bias_choice")
-    if not 1 <= k < len(s):
-        raise ValueError(f"draw_bias_choice: k must be in 1..{len(s) - 1}, got {k}")
-    panels = [("before the update", s + _vector(bias_before, "draw_bias_choice")),
-              ("after the update", s + _vector(bias_after, "draw_bias_choice"))]
-    chosen = [set(v.topk(k).indices.tolist()) for _, v in panels]
+    before = _vector(bias_before, "draw_bias_choice")
+    after = _vector(bias_after, "draw_bias_choice")
+    panels = [("before", s + before, set(map(int, chosen_before))),
+              ("after", s + after, set(map(int, chosen_after)))]
+    if len(panels[0][2]) != len(panels[1][2]) or not panels[0][2]:
+        raise ValueError("draw_bias_choice: expected the same number (>= 1) of chosen experts "
+                         "before and after")
+    k = len(panels[0][2])
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.4), sharey=True)
     experts = torch.arange(len(s))
-    for ax, (title, values), mine, other in zip(axes, panels, chosen, chosen[::-1], strict=True):
+    for ax, (when, values, mine), (_, _, other) in zip(axes, panels, panels[::-1], strict=True):
         colors = [CHOSEN if i in mine else OTHER for i in range(len(s))]
         ax.bar(experts, values, color=colors)
         ax.plot(experts, s, "_", color="black", ms=9, mew=1.6, label="unbiased s (weights)")
         for i in sorted(mine - other):
-            ax.annotate("in" if title.startswith("after") else "out", (i, float(values[i])),
+            ax.annotate("in" if when == "after" else "out", (i, float(values[i])),
                         xytext=(0, 4), textcoords="offset points", ha="center", fontsize=10,
                         color=DOWN)
-        ax.set_title(f"{title}: top-{k} of s + b")
+        ax.set_title(f"{when} the update: chosen {k} (orange)")
         ax.set_xlabel("expert i")
         ax.set_xticks(experts.tolist()[:: max(1, len(s) // 8)])
     axes[0].set_ylabel("s + b (one token)")
