@@ -268,3 +268,30 @@ def test_views_at_odd_offsets_and_strides_are_rotated():
     expected = apply_rotary_emb(x.contiguous(), table[:5])
     assert torch.equal(apply_rotary_emb(x, table[:5]), expected)
     assert torch.equal(apply_rotary_emb(x.transpose(0, 1).transpose(0, 1), table[:5]), expected)
+
+
+# ---------------------------------------------------------------- concept diagrams (notebook 01)
+def test_rope_diagrams_draw_legibly_and_count_v3_pairs():
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from dsv3_lab.diagrams.rope import draw_rotation, draw_yarn_pairs
+    from dsv3_lab.plot import check_legible
+
+    for fig in (draw_rotation(), draw_yarn_pairs()):
+        check_legible(fig)  # <= 11 in wide, no text under 9 pt
+        plt.close(fig)
+    fig = draw_yarn_pairs(V3)
+    cells = [p for p in fig.axes[0].patches if isinstance(p, Rectangle)
+             and p.get_width() < 1]  # one box per rotary pair
+    assert len(cells) == V3.qk_rope_head_dim // 2 == 32
+    texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+    assert "pairs 0–10" in texts and "pairs 11–22" in texts and "pairs 23–31" in texts
+    plt.close(fig)
+
+
+def test_yarn_pairs_diagram_needs_yarn_on():
+    from dsv3_lab.diagrams.rope import draw_yarn_pairs
+
+    with pytest.raises(ValueError, match="max_seq_len > original_seq_len"):
+        draw_yarn_pairs(ModelArgs(max_seq_len=4096))
