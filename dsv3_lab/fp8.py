@@ -297,14 +297,17 @@ class _FP8LinearFunction(torch.autograd.Function):
         xq, xs = act_quant(x2, block_size)  # 1×128 tiles along K; cached for Wgrad in FP8
         wq, ws = weight_quant(weight.detach(), block_size)  # 128×128 blocks [N, K]
         w = weight_dequant(wq, ws, block_size).to(work)  # [N, K]
-        y = act_dequant(xq, xs, block_size).to(work)[:, :k] @ w.T  # Fprop [M, N]
-        ctx.save_for_backward(xq, xs, wq, ws)
+        xd = act_dequant(xq, xs, block_size).to(work)[:, :k]  # [M, K]
+        y = xd @ w.T  # Fprop [M, N]
+        # the backward needs exactly these dequantised values (E4M3 codes times their scales):
+        # keep them rather than decode the FP8 cache again (the same numbers, less work)
+        ctx.save_for_backward(xd, w)
         ctx.block_size, ctx.x_shape = block_size, x.shape
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        b, k = ctx.block_size, ctx.x_shape[-1]
+        b = ctx.block_size
         work = _work(dy)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(work)  # [M, N]
         dx = dw = None
@@ -318,13 +321,13 @@ class _FP8LinearFunction(torch.autograd.Function):
                 dy_t = quant_dequant_groups(dy2, g, 1 if g else None, fmt, lo)
                 dw = dy_t.T @ quant_dequant_groups(xd, g, 1 if g else None, fmt)  # [N, K]
             return dx, dw, None, None
-        xq, xs, wq, ws = ctx.saved_tensors
+        x_cached, w = ctx.saved_tensors  # dequantised FP8 x [M, K] and W blocks [N, K]
         if ctx.needs_input_grad[0]:  # Dgrad: dx = dy W, reduction over N
-            w = weight_dequant(wq, ws, b).to(work)  # the same 128×128 blocks, used transposed
+            w = w.to(work)  # the same 128×128 blocks, used transposed
             g = quant_dequant(dy2, b, amax_min=GRAD_AMAX_MIN)  # 1×128 tiles along N
             dx = (g @ w).reshape(ctx.x_shape).to(dy.dtype)  # [M, K]
         if ctx.needs_input_grad[1]:  # Wgrad: dW = dyᵀ x, reduction over the M tokens
-            x_cached = act_dequant(xq, xs, b).to(work)[:, :k]  # [M, K] read from the FP8 cache
+            x_cached = x_cached.to(work)  # [M, K], the FP8 cache's values
             g_t = quant_dequant(dy2, b, 0, GRAD_AMAX_MIN)  # 128×1 tiles (along tokens) [M, N]
             x_t = quant_dequant(x_cached, b, dim=0)  # re-quantised in 128×1 tiles [M, K]
             dw = g_t.T @ x_t  # [N, K]
