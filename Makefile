@@ -18,8 +18,9 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG)
 
+# Notebooks run one thread each, so two pytest workers (one file each at a time) use both cores.
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2 --dist loadfile
 
 # Re-run every notebook under emulated machines (other ATen CPU capabilities, MKL paths):
 # stored outputs and figures must not depend on the CPU that wrote them. PORTABLE_MACHINES

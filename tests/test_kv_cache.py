@@ -105,7 +105,7 @@ def tiny_models(cfg: dict, seed: int) -> dict[str, Transformer]:
     return models
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(cfg=st.fixed_dictionaries(dict(
     n_heads=st.integers(1, 4), q_lora_rank=st.sampled_from([0, 16]),
     kv_lora_rank=st.sampled_from([8, 16]), qk_nope_head_dim=st.sampled_from([4, 8]),
