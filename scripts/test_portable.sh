@@ -11,6 +11,7 @@
 # PORTABLE_MACHINES (newline-separated env assignments) overrides the machine list; an empty
 # line is the unmodified machine. PORTABLE_JOBS machines run at once (default 2: notebooks use
 # one thread each, so two runs share a 2-core machine without slowing each other much).
+# PORTABLE_PYTEST_ARGS adds pytest arguments (e.g. "-n 2 --dist loadfile" for one machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTEST=${PYTEST:-$PWD/.venv/bin/pytest}
@@ -28,7 +29,7 @@ run_machine() {  # index, env assignments: nbval, then compare the figures it wr
   # shellcheck disable=SC2086  # word splitting of the assignments is intended
   env $machine DSV3_FIGURES_DIR="$WORK/$i/figures" "$PYTEST" -q -p no:cacheprovider --nbval \
       --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -o addopts="" \
-      "${NOTEBOOKS[@]}" > "$WORK/$i/log" 2>&1 || status=1
+      ${PORTABLE_PYTEST_ARGS:-} "${NOTEBOOKS[@]}" > "$WORK/$i/log" 2>&1 || status=1
   for fig in "$WORK/$i/figures"/*.png; do
     [ -e "$fig" ] || continue
     if ! cmp -s "$fig" "figures/$(basename "$fig")"; then
