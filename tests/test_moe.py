@@ -217,18 +217,10 @@ def test_errors():
 
 
 # ---------------------------------------------------------------- transformers parity
-def hf_moe(moe: MoE, args: ModelArgs):
-    """transformers' DeepseekV3MoE with the same weights (fused experts, as in dsv3_lab.hf)."""
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-
-    from dsv3_lab.hf import to_hf_config
-
-    config = to_hf_config(args)
-    config._experts_implementation = "eager"
-    hf = DeepseekV3MoE(config)
+def hf_moe_state_dict(moe: MoE) -> dict[str, torch.Tensor]:
+    """Our MoE's weights under transformers' names (fused experts, as in dsv3_lab.hf)."""
     sd = {
         "gate.weight": moe.gate.weight,
-        "gate.e_score_correction_bias": moe.gate.bias,
         "experts.gate_up_proj": torch.stack(
             [torch.cat([e.w1.weight, e.w3.weight]) for e in moe.experts]),  # [E, 2I, dim]
         "experts.down_proj": torch.stack([e.w2.weight for e in moe.experts]),  # [E, dim, I]
@@ -236,7 +228,21 @@ def hf_moe(moe: MoE, args: ModelArgs):
         "shared_experts.up_proj.weight": moe.shared_experts.w3.weight,
         "shared_experts.down_proj.weight": moe.shared_experts.w2.weight,
     }
-    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    if moe.gate.bias is not None:  # V3's balancing bias; V2 gates have none
+        sd["gate.e_score_correction_bias"] = moe.gate.bias
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def hf_moe(moe: MoE, args: ModelArgs):
+    """transformers' DeepseekV3MoE with the same weights."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    from dsv3_lab.hf import to_hf_config
+
+    config = to_hf_config(args)
+    config._experts_implementation = "eager"
+    hf = DeepseekV3MoE(config)
+    hf.load_state_dict(hf_moe_state_dict(moe), strict=True)
     return hf
 
 
@@ -310,16 +316,7 @@ def test_equal_to_transformers_deepseek_v2_moe(seed):
     assert config.topk_method == "group_limited_greedy"
     config._experts_implementation = "eager"
     hf = DeepseekV2Moe(config)
-    sd = {
-        "gate.weight": moe.gate.weight,
-        "experts.gate_up_proj": torch.stack(
-            [torch.cat([e.w1.weight, e.w3.weight]) for e in moe.experts]),  # [E, 2I, dim]
-        "experts.down_proj": torch.stack([e.w2.weight for e in moe.experts]),  # [E, dim, I]
-        "shared_experts.gate_proj.weight": moe.shared_experts.w1.weight,
-        "shared_experts.up_proj.weight": moe.shared_experts.w3.weight,
-        "shared_experts.down_proj.weight": moe.shared_experts.w2.weight,
-    }
-    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    hf.load_state_dict(hf_moe_state_dict(moe), strict=True)
     x = vectors(seed + 10, 2, 40, args.dim)
     with torch.no_grad():
         assert (moe(x) - hf(x)).abs().max() < 1e-5
