@@ -321,13 +321,12 @@ class _FP8LinearFunction(torch.autograd.Function):
                 dy_t = quant_dequant_groups(dy2, g, 1 if g else None, fmt, lo)
                 dw = dy_t.T @ quant_dequant_groups(xd, g, 1 if g else None, fmt)  # [N, K]
             return dx, dw, None, None
-        x_cached, w = ctx.saved_tensors  # dequantised FP8 x [M, K] and W blocks [N, K]
-        if ctx.needs_input_grad[0]:  # Dgrad: dx = dy W, reduction over N
-            w = w.to(work)  # the same 128×128 blocks, used transposed
+        # dequantised FP8 x [M, K] and W blocks [N, K], already in the working precision
+        x_cached, w = ctx.saved_tensors
+        if ctx.needs_input_grad[0]:  # Dgrad: dx = dy W (the same blocks, transposed), over N
             g = quant_dequant(dy2, b, amax_min=GRAD_AMAX_MIN)  # 1×128 tiles along N
             dx = (g @ w).reshape(ctx.x_shape).to(dy.dtype)  # [M, K]
         if ctx.needs_input_grad[1]:  # Wgrad: dW = dyᵀ x, reduction over the M tokens
-            x_cached = x_cached.to(work)  # [M, K], the FP8 cache's values
             g_t = quant_dequant(dy2, b, 0, GRAD_AMAX_MIN)  # 128×1 tiles (along tokens) [M, N]
             x_t = quant_dequant(x_cached, b, dim=0)  # re-quantised in 128×1 tiles [M, K]
             dw = g_t.T @ x_t  # [N, K]

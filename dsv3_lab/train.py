@@ -178,7 +178,8 @@ def train(model: nn.Module, batches: Iterable[torch.Tensor], steps: int, lr: flo
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         loss.backward()
         clip = grad_clip if grad_clip else math.inf
-        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True))
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+        metrics["grad_norm"] = float(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if after_step is not None:
