@@ -17,18 +17,40 @@ seed, so the comparison is paired):
 Ratios (a/b) are compared on the log scale: d_s = ln a_s - ln b_s, reported as a factor.
 
 API
-    run_seeds(recipe, seeds) -> dict[str, list[float]]   recipe(seed) -> {metric: value}
+    run_seeds(recipe, seeds, processes=1) -> dict[str, list]   recipe(seed) -> {name: value}
+    run_recipes({name: recipe}, seeds, processes=1) -> {name: run_seeds result}  one shared pool
     compare(a, b, names=("A", "B"), lower_is_better=True, ratio=False) -> Comparison
     Comparison.verdict, .mean, .sd, .ci, .diffs; str(c) is a one-line summary;
     Comparison.expect(verdict) asserts the verdict (AssertionError with the numbers otherwise)
     mean_sd(values) -> (mean, sd); fmt(x) -> 4 significant digits
+    parallel_processes(limit=None) -> int   how many processes run_seeds can use here
+
+Seeds in parallel. Seeds are independent runs, so `run_seeds(..., processes=2)` runs them in
+two worker processes, one seed at a time each, and returns exactly what a serial run returns,
+provided the recipe seeds everything it draws (its initialisation, its batches) instead of
+reading the global random state where the previous seed left it. Each worker keeps the set-up of
+the process that started it (one thread, float64 default dtype), so no number depends on which
+process ran a seed or in which order. Workers are forked (Linux), which is what lets a recipe
+defined in a notebook run in them; where fork is unavailable or unsafe (macOS, Windows) the
+seeds run one after the other, with the same results. A worker's side effects (a dict it fills)
+stay in the worker: a recipe returns everything the caller needs, models included.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import numbers
+import os
+import pickle
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+
+import torch
 
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond 30 the normal's 1.96 + a
 # small correction is used)
@@ -62,23 +84,126 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def run_seeds(recipe: Callable[[int], dict], seeds: Iterable[int]) -> dict[str, list[float]]:
-    """Run recipe(seed) for every seed; collect each returned metric into a per-seed list."""
+def parallel_processes(limit: int | None = None) -> int:
+    """Processes `run_seeds` can use on this machine: the usable cores (at most `limit`),
+    or 1 where worker processes cannot be forked (anything but Linux)."""
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"parallel_processes: limit must be None or an int >= 1, got {limit!r}")
+    if not sys.platform.startswith("linux"):
+        return 1
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(cores, limit or cores))
+
+
+def _value(value: object) -> object:
+    """A metric (a number, or a tensor holding one) becomes a float; anything else is kept."""
+    if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    return value
+
+
+Recipe = Callable[[int], dict]
+_RECIPES: dict[str, Recipe] = {}  # the recipes forked workers run (see _run_jobs)
+
+
+def _start_worker() -> None:
+    torch.set_num_threads(1)  # as the caller (checked in _run_jobs); no forked OpenMP pool
+
+
+def _run_in_worker(name: str, seed: int) -> bytes:
+    # plain pickle: tensors travel by value, not as shared memory (one file descriptor each)
+    return pickle.dumps(_RECIPES[name](seed))
+
+
+def _run_jobs(recipes: dict[str, Recipe], jobs: list[tuple[str, int]], processes: int,
+              where: str) -> list:
+    """recipes[name](seed) for every (name, seed) job, in order, in `processes` forked workers
+    (serially when that is 1 or fork is unavailable)."""
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"{where}: processes must be an int >= 1, got {processes!r}")
+    processes = min(processes, len(jobs), parallel_processes())
+    if processes == 1:
+        return [recipes[name](seed) for name, seed in jobs]
+    if torch.get_num_threads() != 1:
+        raise ValueError(f"{where}: processes > 1 needs one torch thread in the caller (as "
+                         f"dsv3_lab.notebook.setup_notebook sets), got {torch.get_num_threads()}: "
+                         f"a worker forked from a multi-threaded pool would hang, and the thread "
+                         f"count changes float sums; call torch.set_num_threads(1) first")
+    _RECIPES.update(recipes)  # inherited by the forked workers: recipes are never pickled
+    try:
+        with warnings.catch_warnings():  # fork() of a process with threads (Jupyter, 3.12+)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                     initializer=_start_worker) as pool:
+                futures = [pool.submit(_run_in_worker, name, seed) for name, seed in jobs]
+                results = []
+                for (name, seed), future in zip(jobs, futures, strict=True):
+                    what = f"seed {seed}" + (f" of recipe {name!r}" if name else "")
+                    try:
+                        results.append(pickle.loads(future.result()))
+                    except BrokenProcessPool:
+                        raise RuntimeError(f"{where}: a worker process died while running "
+                                           f"{what} (out of memory?); run with processes=1 "
+                                           f"to see the error") from None
+                    except Exception as error:
+                        raise RuntimeError(f"{where}: the recipe failed on {what}: "
+                                           f"{type(error).__name__}: {error}") from error
+    finally:
+        _RECIPES.clear()
+    return results
+
+
+def _collect(results: list, seeds: list[int], where: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for seed, result in zip(seeds, results, strict=True):
+        if not isinstance(result, dict):
+            raise TypeError(f"{where}: recipe must return a dict of metrics, got "
+                            f"{type(result).__name__}")
+        if out and set(result) != set(out):
+            raise ValueError(f"{where}: seed {seed} returned metrics {sorted(result)}, "
+                             f"expected {sorted(out)}")
+        for name, value in result.items():
+            out.setdefault(name, []).append(_value(value))
+    return out
+
+
+def run_seeds(recipe: Recipe, seeds: Iterable[int], processes: int = 1) -> dict[str, list]:
+    """Run recipe(seed) for every seed; collect each returned value into a per-seed list.
+
+    recipe(seed) returns a dict {name: value}, the same names for every seed. Numbers (and
+    one-element tensors) are metrics and become floats; any other value (a model, a loss
+    history) is kept as it is. processes > 1 runs the seeds in that many forked worker
+    processes (module docstring), with the same results; values then travel back pickled.
+    The caller must run one torch thread (dsv3_lab.notebook.setup_notebook sets it).
+    """
     seeds = list(seeds)
     if not seeds:
         raise ValueError("run_seeds: expected at least one seed")
-    out: dict[str, list[float]] = {}
-    for seed in seeds:
-        result = recipe(seed)
-        if not isinstance(result, dict):
-            raise TypeError(f"run_seeds: recipe must return a dict of metrics, got "
-                            f"{type(result).__name__}")
-        if out and set(result) != set(out):
-            raise ValueError(f"run_seeds: seed {seed} returned metrics {sorted(result)}, "
-                             f"expected {sorted(out)}")
-        for name, value in result.items():
-            out.setdefault(name, []).append(float(value))
-    return out
+    results = _run_jobs({"": recipe}, [("", seed) for seed in seeds], processes, "run_seeds")
+    return _collect(results, seeds, "run_seeds")
+
+
+def run_recipes(recipes: dict[str, Recipe], seeds: Iterable[int] | dict[str, Iterable[int]],
+                processes: int = 1) -> dict[str, dict[str, list]]:
+    """`run_seeds` for several recipes at once: {name: run_seeds(recipes[name], seeds)}.
+
+    seeds is one list for every recipe, or a dict {name: seeds}. All the (recipe, seed) runs
+    share one pool of `processes` workers, so they pack onto the cores better than one
+    `run_seeds` per recipe (5 seeds on 2 cores take 3 rounds; 3 recipes x 5 seeds take 8).
+    """
+    if not isinstance(recipes, dict) or not recipes:
+        raise TypeError(f"run_recipes: expected a non-empty dict {{name: recipe}}, got "
+                        f"{type(recipes).__name__}")
+    per = {name: list(seeds[name] if isinstance(seeds, dict) else seeds) for name in recipes}
+    empty = [name for name, s in per.items() if not s]
+    if empty:
+        raise ValueError(f"run_recipes: expected at least one seed for {empty}")
+    jobs = [(name, seed) for name, s in per.items() for seed in s]
+    results = iter(_run_jobs(recipes, jobs, processes, "run_recipes"))
+    return {name: _collect([next(results) for _ in s], s, f"run_recipes ({name!r})")
+            for name, s in per.items()}
 
 
 @dataclass
