@@ -132,25 +132,25 @@ def _run_jobs(recipes: dict[str, Recipe], jobs: list[tuple[str, int]], processes
                          f"a worker forked from a multi-threaded pool would hang, and the thread "
                          f"count changes float sums; call torch.set_num_threads(1) first")
     _RECIPES.update(recipes)  # inherited by the forked workers: recipes are never pickled
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker)
+    results = []
     try:
         with warnings.catch_warnings():  # fork() of a process with threads (Jupyter, 3.12+)
             warnings.simplefilter("ignore", DeprecationWarning)
-            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                     initializer=_start_worker) as pool:
-                futures = [pool.submit(_run_in_worker, name, seed) for name, seed in jobs]
-                results = []
-                for (name, seed), future in zip(jobs, futures, strict=True):
-                    what = f"seed {seed}" + (f" of recipe {name!r}" if name else "")
-                    try:
-                        results.append(pickle.loads(future.result()))
-                    except BrokenProcessPool:
-                        raise RuntimeError(f"{where}: a worker process died while running "
-                                           f"{what} (out of memory?); run with processes=1 "
-                                           f"to see the error") from None
-                    except Exception as error:
-                        raise RuntimeError(f"{where}: the recipe failed on {what}: "
-                                           f"{type(error).__name__}: {error}") from error
-    finally:
+            futures = [pool.submit(_run_in_worker, name, seed) for name, seed in jobs]
+        for (name, seed), future in zip(jobs, futures, strict=True):
+            what = f"seed {seed}" + (f" of recipe {name!r}" if name else "")
+            try:
+                results.append(pickle.loads(future.result()))
+            except BrokenProcessPool:
+                raise RuntimeError(f"{where}: a worker process died while running {what} (out "
+                                   f"of memory?); run with processes=1 to see the error") from None
+            except Exception as error:
+                raise RuntimeError(f"{where}: the recipe failed on {what}: "
+                                   f"{type(error).__name__}: {error}") from error
+    finally:  # after a failure or an interrupt: drop the runs not started, finish the others
+        pool.shutdown(wait=True, cancel_futures=True)
         _RECIPES.clear()
     return results
 

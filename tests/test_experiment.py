@@ -168,3 +168,33 @@ def test_run_recipes_is_run_seeds_per_recipe_in_one_pool():
         run_recipes([], [0])
     with pytest.raises(ValueError, match=r"run_recipes \('square'\): seed 1 returned"):
         run_recipes({"square": lambda s: {"x": 1} if s == 0 else {"y": 1}}, [0, 1])
+
+
+@pytest.mark.skipif(parallel_processes(2) < 2, reason="needs fork and two cores")
+def test_a_failure_cancels_the_runs_not_started_and_a_dead_worker_is_reported(tmp_path):
+    import os
+    import time
+
+    import torch
+
+    def recipe(seed):
+        (tmp_path / f"started-{seed}").touch()
+        if seed == 0:
+            raise ValueError("broken recipe")
+        time.sleep(0.5)
+        return {"x": seed}
+
+    def dies(seed):
+        os._exit(3)  # as a worker killed for memory would
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(RuntimeError, match="seed 0.*broken recipe"):
+            run_seeds(recipe, range(12), processes=2)
+        with pytest.raises(RuntimeError, match="worker process died"):
+            run_seeds(dies, [0, 1], processes=2)
+    finally:
+        torch.set_num_threads(threads)
+    started = len(list(tmp_path.glob("started-*")))
+    assert started < 12, f"{started} of 12 runs started after the first one failed"
