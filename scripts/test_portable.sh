@@ -15,7 +15,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTEST=${PYTEST:-$PWD/.venv/bin/pytest}
-DEFAULT_MACHINES=$'\nATEN_CPU_CAPABILITY=default\nATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2\nMKL_CBWR=COMPATIBLE'
+# The four machines of issue 13, then ATen scalar + MKL CBWR together (the combination CI runs).
+DEFAULT_MACHINES=$'\nATEN_CPU_CAPABILITY=default\nATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2\nMKL_CBWR=COMPATIBLE\nATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE'
 MACHINES=${PORTABLE_MACHINES-$DEFAULT_MACHINES}
 JOBS=${PORTABLE_JOBS:-2}
 if [ $# -gt 0 ]; then NOTEBOOKS=("$@"); else NOTEBOOKS=(notebooks/*.ipynb); fi
