@@ -6,10 +6,9 @@ STAMP  := $(VENV)/.installed-requirements
 .PHONY: lab test test-portable notebooks notebooks-refresh lint
 
 # Set-up: create .venv on first use; redo it only when requirements.txt or pyproject.toml change.
-# --no-compile: byte-compile on first import only what is used (the install takes 73 s, not 131).
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
