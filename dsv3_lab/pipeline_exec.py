@@ -22,7 +22,6 @@ with one thread the losses and gradients are bit-equal to the sequential run.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -30,9 +29,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
+from dsv3_lab.parallel import free_port, process_context
 from dsv3_lab.pipeline import make_schedule, n_directions, rank_of, stage_of
 
 
@@ -246,12 +245,6 @@ def gather(ranks: list[dict], pp: int):
     return [[losses[(d, m)] for m in range(per_dir)] for d in range(n_dirs)], grads
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _warm_up(rank: int, pp: int) -> None:
     """Open every neighbour connection once (gloo opens pairs lazily) so timings exclude it."""
     import torch.distributed as dist
@@ -287,7 +280,8 @@ def _worker(rank: int, pp: int, port: int, jobs: list, cfg: dict, out_dir: str, 
 
 def run_schedules(pp: int, jobs: list[tuple[str, int]], dim: int = 16, n_layers: int = 2,
                   rows: int = 8, seed: int = 0, timeout: float = 60.0) -> dict:
-    """Spawn PP processes once and run every (schedule name, n_micro) job on them.
+    """Start PP processes once (`dsv3_lab.parallel.process_context`) and run every
+    (schedule name, n_micro) job on them.
 
     Returns {(name, n_micro): [per-rank result]}, each {"losses": {(dir, mb): loss},
     "grads": {stage: [grads]}, "log": [(op, t0, t1)]}. Raises TimeoutError if the processes do
@@ -297,7 +291,7 @@ def run_schedules(pp: int, jobs: list[tuple[str, int]], dim: int = 16, n_layers:
     for name, n in jobs:
         make_schedule(name, pp, n)  # validates name and sizes before any process starts
     cfg = dict(dim=dim, n_layers=n_layers, rows=rows, seed=seed)
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, pp, port, jobs, cfg, out_dir, timeout))

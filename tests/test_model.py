@@ -3,6 +3,9 @@ state-dict round trip, cached decoding equals a full forward, generation, error 
 
 import dataclasses
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,23 +150,34 @@ def test_training_forward_has_gradients_everywhere():
     assert all(m.gate.bias.grad is None for m in model.moe_layers())
 
 
-def test_training_is_deterministic_with_two_threads():
-    """Same seed, same batches -> the same loss history, bit for bit (MoE dispatch included)."""
-    from dsv3_lab.data import ToyCorpus
-    from dsv3_lab.train import train
+TWO_THREAD_RUNS = """
+import torch
+from dsv3_lab.config import ModelArgs
+from dsv3_lab.data import ToyCorpus
+from dsv3_lab.model import Transformer
+from dsv3_lab.train import train
 
-    corpus, threads = ToyCorpus(seed=0, n_docs=200), torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        histories = []
-        for _ in range(2):
-            torch.manual_seed(0)
-            model = Transformer(ModelArgs.tiny())
-            result = train(model, corpus.batches("train", 8, 32, seed=0), 6, progress=False)
-            histories.append(result.losses)
-    finally:
-        torch.set_num_threads(threads)
-    assert histories[0] == histories[1]
+torch.set_num_threads(2)
+corpus = ToyCorpus(seed=0, n_docs=200)
+for _ in range(2):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.tiny())
+    result = train(model, corpus.batches("train", 8, 32, seed=0), 6, progress=False)
+    print(torch.get_num_threads(), [repr(x) for x in result.losses])
+"""
+
+
+def test_training_is_deterministic_with_two_threads():
+    """Same seed, same batches -> the same loss history, bit for bit (MoE dispatch included).
+
+    In a fresh process with OMP_WAIT_POLICY=PASSIVE: under pytest-xdist the other worker keeps
+    the second core busy, and two spinning OpenMP threads then took a minute instead of 1 s.
+    """
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    out = subprocess.run([sys.executable, "-c", TWO_THREAD_RUNS], env=env, capture_output=True,
+                         text=True, timeout=240, check=True).stdout.splitlines()
+    assert len(out) == 2 and all(line.startswith("2 ['") for line in out), out
+    assert out[0] == out[1]
 
 
 def test_errors():

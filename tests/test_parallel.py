@@ -1,11 +1,13 @@
 """Tests of dsv3_lab.parallel and dsv3_lab.ep_moe: gloo on localhost, bounded timeouts.
 
 Every launch has a timeout, so a broken worker fails the test instead of hanging it. The
-expert-parallel checks share one launch (each launch costs a few seconds of start-up).
+expert-parallel checks share one launch.
 """
 
 import contextlib
 import copy
+import multiprocessing
+import sys
 import time
 
 import pytest
@@ -20,6 +22,7 @@ from dsv3_lab.parallel import (
     hanging_worker,
     launch,
     node_traffic,
+    process_context,
 )
 
 WORLD = 4
@@ -74,10 +77,19 @@ def test_dying_worker_raises_not_hangs():
         launch(crashing_worker, 2, 1, timeout=60)
 
 
+def test_workers_start_from_a_fork_server_where_there_is_one():
+    """Fresh interpreters either way (never a fork of the caller); forkserver imports torch once
+    per caller instead of once per worker."""
+    expected = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    assert process_context().get_start_method() == expected
+    if sys.platform == "linux":
+        assert expected == "forkserver"
+
+
 def test_hanging_worker_times_out():
     start = time.monotonic()
     with pytest.raises(TimeoutError):
-        launch(hanging_worker, 2, 600.0, timeout=5)
+        launch(hanging_worker, 2, 600.0, timeout=2)
     assert time.monotonic() - start < 30
 
 
