@@ -38,6 +38,7 @@ stay in the worker: a recipe returns everything the caller needs, models include
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing
 import numbers
@@ -132,6 +133,9 @@ def _run_jobs(recipes: dict[str, Recipe], jobs: list[tuple[str, int]], processes
                          f"a worker forked from a multi-threaded pool would hang, and the thread "
                          f"count changes float sums; call torch.set_num_threads(1) first")
     _RECIPES.update(recipes)  # inherited by the forked workers: recipes are never pickled
+    # torch imports its compiler stack (torch._dynamo) lazily, at the first optimizer it builds:
+    # ~2 s of CPU. Imported here once, every forked worker inherits it instead of importing it.
+    importlib.import_module("torch._dynamo")
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
                                initializer=_start_worker)
     results = []

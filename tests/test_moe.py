@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dsv3_lab.config import ModelArgs
@@ -37,7 +37,12 @@ def make_gate(args: ModelArgs, seed: int, bias_scale: float) -> Gate:
 
 
 def reference_route(gate: Gate, x: torch.Tensor) -> list[set[int]]:
-    """Token by token, in plain Python: the expert set the V3 rule picks (REFERENCE §4)."""
+    """Token by token, in plain Python: the expert set the V3 rule picks (REFERENCE §4).
+
+    Call it on a float64 gate and input. In float32 two groups' scores can round to the same
+    value (seed 6899, n 3 of the negative-bias test tied exactly at -8.616802), and the gate's
+    topk and this sort then break the tie differently: a test failure that says nothing.
+    """
     scores = torch.sigmoid(x.double() @ gate.weight.double().T)  # s [N, E]
     biased = (scores + gate.bias.double()).tolist()  # s' [N, E]
     size = len(biased[0]) // gate.n_groups
@@ -57,6 +62,7 @@ def reference_route(gate: Gate, x: torch.Tensor) -> list[set[int]]:
        bias_scale=st.sampled_from([0.0, 0.05, 1.0]))
 def test_routing_invariants(args, seed, n, bias_scale):
     """k distinct experts, inside <= n_limited_groups groups, weights sum to route_scale."""
+    torch.set_default_dtype(torch.float64)  # see reference_route (conftest restores float32)
     gate = make_gate(args, seed, bias_scale)
     x = vectors(seed + 2, n, args.dim)
     weights, indices = gate(x)  # [N, k], [N, k]
@@ -103,8 +109,10 @@ def test_bias_changes_the_choice():
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**20), n=st.integers(1, 40))
+@example(seed=6899, n=3)  # two groups tie exactly in float32 (see reference_route)
 def test_negative_bias_dropped_groups_are_minus_infinity(seed, n):
     """All biased scores negative: dropped groups must lose (-inf), not win (0 > s')."""
+    torch.set_default_dtype(torch.float64)  # see reference_route (conftest restores float32)
     args = ModelArgs.tiny(n_routed_experts=32, n_expert_groups=8, n_limited_groups=2,
                           n_activated_experts=6)
     gate = make_gate(args, seed, bias_scale=0.1)
