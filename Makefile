@@ -24,7 +24,8 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG)
 
-# Notebooks run one thread each, so two pytest workers (one file each at a time) use both cores.
+# Notebooks and package tests run one torch thread each (tests/conftest.py), so two pytest
+# workers (one file each at a time, slowest first: conftest.py) use both cores.
 test: $(STAMP)
 	$(VENV)/bin/pytest -n 2 --dist loadfile
 
