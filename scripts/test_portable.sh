@@ -30,6 +30,7 @@ run_machine() {  # index, env assignments: nbval, then compare the figures it wr
   # shellcheck disable=SC2086  # word splitting of the assignments is intended
   env $machine DSV3_FIGURES_DIR="$WORK/$i/figures" "$PYTEST" -q -p no:cacheprovider --nbval \
       --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -o addopts="" \
+      --no-loadscope-reorder \
       ${PORTABLE_PYTEST_ARGS:-} "${NOTEBOOKS[@]}" > "$WORK/$i/log" 2>&1 || status=1
   for fig in "$WORK/$i/figures"/*.png; do
     [ -e "$fig" ] || continue
