@@ -45,4 +45,4 @@ notebooks-refresh: $(STAMP)
 	$(PY) scripts/run_notebooks.py --refresh-volatile notebooks/*.ipynb
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dsv3_lab tests scripts
+	$(VENV)/bin/ruff check dsv3_lab tests scripts conftest.py
